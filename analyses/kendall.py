@@ -1,0 +1,134 @@
+"""Kendall: does ICL rank the demonstration tokens as FT ranks its training tokens?
+
+Per query and layer: Kendall's tau-b (``scipy.stats.kendalltau``, ``variant="b"``, so
+ties are handled) between
+
+- (a) ICL attention scores from the recorded position to each demonstration token,
+  summed over heads, and
+- (b) FT "attention to training tokens": the dot product of the query's FT query vector
+  with the query vector recorded for each training token (aligned 1:1 with (a)).
+
+Tau is a rank statistic: raw scores, softmax probabilities (the authors apply a softmax
+first) and any other strictly increasing transform give the same value. The authors'
+code uses the first 100 validation queries: ``max_queries=100`` by default.
+
+A constant vector (or one of fewer than 2 tokens) has no ranking: scipy returns NaN;
+here such (query, layer) cells are skipped explicitly, stored as NaN and counted in
+``n_skipped`` (the authors' code would let one NaN turn the whole mean into NaN).
+
+Baselines (seeded):
+
+- ``random_uniform`` (the paper's): tau(a, u) with u ~ U[0, 1) per query and layer.
+- ``shuffled_queries``: tau(a_n, b_pi(n)) for a permutation pi of the queries without
+  fixed points. Used only when every query has the same number of demonstration tokens
+  (the usual case: one demonstration set per run). High values here mean the shared
+  rank structure (e.g. label tokens, the first token) drives the observed tau, not the
+  query.
+
+>>> import torch
+>>> icl = [torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[1.0, 2.0, 2.0, 3.0]])]
+>>> ft = [torch.tensor([[1.0, 3.0, 2.0, 4.0]]), torch.tensor([[1.0, 2.0, 3.0, 3.0]])]
+>>> r = kendall(icl, ft)
+>>> r.values.round(4).tolist()      # (n, layer); 2/3 by hand, 0.8 with ties
+[[0.6667], [0.8]]
+>>> round(r.value, 4), r.n_skipped
+(0.7333, 0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.stats
+import torch
+from jaxtyping import Float
+
+from ._common import as_query_list, check_finite, derangement, rng_for
+from .result import MetricResult
+
+DemoScores = (
+    Sequence[Float[torch.Tensor, "layer n_demo_tokens"]]
+    | Sequence[Float[np.ndarray, "layer n_demo_tokens"]]
+)
+
+BASELINES = ("random_uniform", "shuffled_queries")
+
+
+def _tau_b(x: np.ndarray, y: np.ndarray) -> float:
+    """tau-b, or NaN (without calling scipy) where it is undefined."""
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(scipy.stats.kendalltau(x, y, variant="b").statistic)
+
+
+def kendall(
+    icl: DemoScores,
+    ft: DemoScores,
+    *,
+    max_queries: int | None = 100,
+    baselines: Sequence[str] | None = None,
+    seed: int = 0,
+    confidence: float = 0.95,
+    n_resamples: int = 1000,
+) -> MetricResult:
+    """Kendall tau-b per query and layer (``values``: ``(n_used, layer)``), with baselines.
+
+    ``icl``, ``ft``: lists over queries of ``(layer, n_demo_tokens)`` scores (a
+    stacked ``(n, layer, tokens)`` tensor also works). ``max_queries``: use the first
+    that many queries (``None``: all). ``baselines``: ``None`` for every applicable one
+    (``shuffled_queries`` only when all queries have the same shape and there are >= 2
+    of them); naming ``shuffled_queries`` explicitly where it cannot apply is an error.
+    """
+    icl_, ft_ = as_query_list(icl, "icl"), as_query_list(ft, "ft")
+    if len(icl_) != len(ft_):
+        raise ValueError(f"icl and ft need one entry per query: {len(icl_)} vs {len(ft_)}")
+    if max_queries is not None:
+        if max_queries < 1:
+            raise ValueError(f"max_queries must be >= 1 or None, got {max_queries}")
+        icl_, ft_ = icl_[:max_queries], ft_[:max_queries]
+    if not icl_:
+        raise ValueError("Kendall needs at least one query")
+    n_layers = icl_[0].shape[0] if icl_[0].ndim == 2 else None
+    for q, (a, b) in enumerate(zip(icl_, ft_, strict=True)):
+        if a.shape != b.shape or a.ndim != 2 or a.shape[0] != n_layers:
+            raise ValueError(
+                f"query {q}: icl {a.shape} and ft {b.shape} must both be (layer, n_demo_tokens) "
+                f"with {n_layers} layers; the pipeline aligns training tokens with "
+                "demonstration tokens 1:1"
+            )
+        check_finite(a, f"icl[{q}]")
+        check_finite(b, f"ft[{q}]")
+    n = len(icl_)
+
+    shuffle_ok = n >= 2 and len({a.shape for a in icl_}) == 1
+    if baselines is None:
+        baselines = BASELINES if shuffle_ok else ("random_uniform",)
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"unknown Kendall baselines {sorted(unknown)}; choose from {BASELINES}")
+    if "shuffled_queries" in baselines and not shuffle_ok:
+        raise ValueError(
+            "the shuffled_queries baseline needs >= 2 queries with the same number of "
+            "demonstration tokens"
+        )
+
+    obs = np.empty((n, n_layers))
+    base = {b: np.empty((n, n_layers)) for b in baselines}
+    rng = rng_for(seed, "random_uniform")
+    perm = (
+        derangement(n, rng_for(seed, "shuffled_queries"))
+        if "shuffled_queries" in baselines
+        else None
+    )
+    for q in range(n):
+        for layer in range(n_layers):
+            a = icl_[q][layer]
+            obs[q, layer] = _tau_b(a, ft_[q][layer])
+            if "random_uniform" in baselines:
+                base["random_uniform"][q, layer] = _tau_b(a, rng.random(a.shape))
+            if perm is not None:
+                base["shuffled_queries"][q, layer] = _tau_b(a, ft_[perm[q]][layer])
+
+    opts = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
+    return MetricResult("kendall", "tau_b", obs, base, **opts)
