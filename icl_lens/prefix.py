@@ -156,7 +156,9 @@ class PrefixRunner:
             )
         values = dict(capture.values)
         for (what, layer), x in list(values.items()):
-            if what in ("k", "v"):
+            # hooks see only the new tokens, except TL 3's hook_rot_k (it rotates the
+            # cache and the new keys together)
+            if what in ("k", "v") and x.shape[1] == tokens.shape[1]:
                 before = self._prefix_values[what, layer].expand(len(tokens), -1, -1, -1)
                 values[what, layer] = torch.cat([before, x], dim=1)
         return BatchResult(logits, values, lengths)
@@ -225,7 +227,9 @@ def _forward_after_prefix(adapter, state, capture: Capture, tokens, pos, mask) -
         cache = DynamicCache()
         for i, (k, v) in enumerate(state):
             cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
-        with model.hooks(fwd_hooks=hooks):
+        with model.hooks(fwd_hooks=hooks), warnings.catch_warnings():
+            # the bridge forwards past_key_values=, which transformers >= 5.24 renames
+            warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
             logits = model(tokens, past_key_values=cache, use_cache=True, attention_mask=mask)
     else:
         from transformer_lens import TransformerLensKeyValueCache

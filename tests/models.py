@@ -21,6 +21,7 @@ WORDS = [f"w{i}" for i in range(90)] + ["Sentence:", "Label:", "good", "bad", "\
 SPECIALS = ["<unk>", "<bos>", "<pad>"]
 VOCAB_SIZE = len(WORDS) + len(SPECIALS)
 ARCHITECTURES = ("gpt2", "neox", "llama")
+ROTARY_FRACTION = {"gpt2": 0.0, "neox": 0.5, "llama": 1.0}
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -50,7 +51,7 @@ def make_hf_model(arch: str, *, n_layers: int = 2, n_ctx: int = 128, seed: int =
             num_hidden_layers=n_layers,
             num_attention_heads=4,
             intermediate_size=64,
-            rotary_pct=0.5,
+            rotary_pct=ROTARY_FRACTION["neox"],
             **common,
         )
         model = GPTNeoXForCausalLM(cfg)
