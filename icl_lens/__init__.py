@@ -10,6 +10,7 @@ from icl_lens.duality import Decomposition, decompose
 from icl_lens.loading import load_model
 from icl_lens.prefix import PrefixRunner
 from icl_lens.prompts import Prompt, build_prompt, task_prompt
+from icl_lens.quickstart import icl_prompt, toy_model
 from icl_lens.tasks import Example, Task, TaskSpec
 
 __all__ = [
@@ -23,7 +24,9 @@ __all__ = [
     "adapt",
     "build_prompt",
     "decompose",
+    "icl_prompt",
     "load_model",
     "task_prompt",
+    "toy_model",
 ]
 __version__ = "0.1.0"
