@@ -1,0 +1,40 @@
+"""The tutorial notebook (docs/tutorial.ipynb) executes cleanly on the toy model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "docs" / "tutorial.ipynb"
+
+
+@pytest.mark.slow
+def test_tutorial_notebook_executes():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    try:
+        from icl_lens.toy import toy_model_dir
+    except ImportError:
+        pytest.skip("icl_lens.toy has no embedded toy model yet")
+    if not (toy_model_dir() / "model.safetensors").is_file():
+        pytest.skip(f"the toy checkpoint is not in {toy_model_dir()} (scripts/train_toy.py)")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    start = time.monotonic()
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+    elapsed = time.monotonic() - start
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    views = [h for h in html if "CircuitsVis.render" in h]
+    assert len(views) >= 2  # the meta-gradient view and the attention comparison
+    assert all("unpkg.com" not in h for h in views)  # inlined, never from a CDN
+    assert any("report.html" in o.get("text", "") for o in outputs)
+    assert elapsed < 300, f"the tutorial took {elapsed:.0f} s; keep it fast for CI"
