@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import select
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -350,21 +350,25 @@ def _chromium() -> str | None:
     return None
 
 
+FD_TRAMPOLINE = """
+import fcntl, os, sys
+a = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD, 10)
+b = fcntl.fcntl(int(sys.argv[2]), fcntl.F_DUPFD, 10)
+os.dup2(a, 3)
+os.dup2(b, 4)
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
 class Chromium:
     """Headless Chromium driven through ``--remote-debugging-pipe`` (the DevTools
     protocol over file descriptors 3 and 4): no websocket, no extra package."""
 
     def __init__(self, binary: str):
         self.profile = tempfile.mkdtemp(prefix="icl-lens-chromium-")
+        self.log = open(os.path.join(self.profile, "stderr.log"), "w+b")
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-
-        def child_fds():  # runs in the child: its end of each pipe becomes fd 3 / fd 4
-            a = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 10)
-            b = fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 10)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
-
         args = [
             binary,
             "--headless",
@@ -383,12 +387,13 @@ class Chromium:
             "--window-size=1280,1600",
             "about:blank",
         ]
+        # Chromium reads commands on fd 3 and answers on fd 4: a tiny Python trampoline
+        # moves our pipe ends there and execs it (no preexec_fn in a threaded pytest)
         self.proc = subprocess.Popen(
-            args,
-            preexec_fn=child_fds,
-            pass_fds=(3, 4),
+            [sys.executable, "-c", FD_TRAMPOLINE, str(to_child_r), str(from_child_w), *args],
+            pass_fds=(to_child_r, from_child_w),
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self.log,  # a file: a full pipe would stall chromium
         )
         os.close(to_child_r)
         os.close(from_child_w)
@@ -421,7 +426,8 @@ class Chromium:
             if ready:
                 chunk = os.read(self.r, 1 << 20)
                 if not chunk:
-                    err = self.proc.stderr.read().decode(errors="replace")[-2000:]
+                    self.log.seek(0)
+                    err = self.log.read().decode(errors="replace")[-2000:]
                     raise RuntimeError(f"chromium exited: {err}")
                 self.buf += chunk
         raw, self.buf = self.buf.split(b"\0", 1)
@@ -447,6 +453,7 @@ class Chromium:
             self.proc.wait()
         os.close(self.w)
         os.close(self.r)
+        self.log.close()
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
