@@ -6,27 +6,45 @@
 """
 
 from icl_lens.adapter import ModelAdapter, adapt
+from icl_lens.compare import ComparisonSet, compare, compare_runs
+from icl_lens.comparison import Comparison
 from icl_lens.duality import Decomposition, decompose
+from icl_lens.finetune import FinetuneResult, finetune, search_lr
 from icl_lens.loading import load_model
+from icl_lens.predict import Predictions, predict
 from icl_lens.prefix import PrefixRunner
 from icl_lens.prompts import Prompt, build_prompt, task_prompt
 from icl_lens.quickstart import icl_prompt, toy_model
+from icl_lens.records import Records, record
 from icl_lens.tasks import Example, Task, TaskSpec
+from icl_lens.untrained import untrained_copy
 
 __all__ = [
+    "Comparison",
+    "ComparisonSet",
     "Decomposition",
     "Example",
+    "FinetuneResult",
     "ModelAdapter",
+    "Predictions",
     "Prompt",
     "PrefixRunner",
+    "Records",
     "Task",
     "TaskSpec",
     "adapt",
     "build_prompt",
+    "compare",
+    "compare_runs",
     "decompose",
+    "finetune",
     "icl_prompt",
     "load_model",
+    "predict",
+    "record",
+    "search_lr",
     "task_prompt",
     "toy_model",
+    "untrained_copy",
 ]
 __version__ = "0.1.0"

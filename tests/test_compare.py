@@ -1,0 +1,288 @@
+"""The comparison pipeline: metrics wired to hand-made recordings, end to end on a
+random-init model and a local two-class file, the untrained-weights control, seeds,
+checkpoints, and the errors a user can hit."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import icl_lens as il
+from icl_lens.comparison import Comparison
+from icl_lens.measure import CONTROL, measure
+from icl_lens.predict import label_tokens
+from icl_lens.prompts import encode
+from icl_lens.records import Records, record
+from icl_lens.task_sources import TaskLoadError, load_task
+from icl_lens.untrained import untrained_copy
+from tests.models import make_model
+
+TEMPLATE = "Sentence: {text} Label:"
+
+
+def write_task(path, n_train=16, n_val=12, seed=0, labels=("bad", "good")):
+    """A two-class JSONL file: class words w0..w44 are "bad", w45..w89 "good"."""
+    rng = random.Random(seed)
+    rows = []
+    for split, n in (("train", n_train), ("validation", n_val)):
+        for i in range(n):
+            label = i % 2
+            words = [f"w{rng.randrange(45) + 45 * label}" for _ in range(rng.randrange(2, 5))]
+            rows.append({"text": " ".join(words), "label": labels[label], "split": split})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than several on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    path = write_task(tmp_path_factory.mktemp("task") / "two_class.jsonl")
+    # " \n" keeps the label word a token of its own for the word-level test tokenizer
+    spec = il.TaskSpec("two_class", TEMPLATE, (" bad", " good"), separator=" \n")
+    return load_task(path, spec=spec)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return make_model("gpt2")[0]
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---- the metrics, wired through the pipeline, on inputs known by hand -----------------
+
+
+def _records(attn_out, predicted, gold, q=None, demo_scores=None):
+    n = len(gold)
+    scores = torch.nn.functional.one_hot(torch.tensor(predicted), 2).float()
+    return Records(
+        attn_out=torch.as_tensor(attn_out, dtype=torch.float32),
+        q=torch.ones(n, 1, 1, 1) if q is None else q,
+        query_scores=[torch.tensor([[[1.0, float(i), 2.0]]]) for i in range(n)],
+        demo_scores=demo_scores,
+        class_scores=scores,
+        gold=torch.tensor(gold),
+        positions=torch.full((n,), 2),
+        prefix_length=6 if demo_scores is not None else 1,
+    )
+
+
+def test_metrics_on_hand_made_recordings():
+    gold = [0, 1, 1, 0, 1, 0]
+    # correctness:   ZSL  F F F T F T ;  FT  T T F T T F ;  ICL  T F T T T T
+    zsl_pred = [1, 0, 0, 0, 0, 0]
+    ft_pred = [0, 1, 0, 0, 1, 1]
+    icl_pred = [0, 0, 1, 0, 1, 0]
+    # ZSL wrong & FT right: queries 0, 1, 4; of those ICL right: 0, 4 -> 2/3
+    h_zsl = torch.randn(6, 1, 8, generator=torch.Generator().manual_seed(0))
+    update = torch.randn(6, 1, 8, generator=torch.Generator().manual_seed(1))
+    # Kendall: 5 demonstration tokens, ties on both sides; FT scores = q_FT . q_train
+    icl_demo = torch.tensor([[[3.0, 1.0, 1.0, 2.0, 5.0]]] * 6)
+    ft_demo = torch.tensor([0.5, 0.5, 0.1, 0.9, 0.9])
+    train_q = ft_demo.reshape(5, 1, 1, 1)
+
+    def run(h_icl, h_ft):
+        return measure(
+            _records(h_zsl, zsl_pred, gold),
+            _records(h_icl, icl_pred, gold, demo_scores=icl_demo),
+            _records(h_ft, ft_pred, gold),
+            train_q,
+            n_resamples=50,
+        ).results
+
+    same = run(h_zsl + update, h_zsl + update)
+    assert same["simaou"].normalised.value == pytest.approx(1.0)
+    assert same["simaou"].unnormalised.value == pytest.approx(1.0)
+    opposite = run(h_zsl + update, h_zsl - update)
+    assert opposite["simaou"].unnormalised.value == pytest.approx(-1.0)
+
+    r2 = same["rec2ftp"]
+    assert (r2.n_ft_recovered, r2.n_both, r2.value) == (3, 2, pytest.approx(2 / 3))
+    tau = scipy.stats.kendalltau(icl_demo[0, 0].numpy(), ft_demo.numpy(), variant="b").statistic
+    assert same["kendall"].value == pytest.approx(tau)
+    assert same["kendall"].values.shape == (6, 1)
+    assert not math.isclose(tau, 0.0)
+
+
+# ---- end to end -----------------------------------------------------------------------
+
+
+def test_compare_end_to_end_on_a_random_init_model(gpt2, task, tmp_path):
+    before = _state(gpt2)
+    cmp = il.compare(
+        gpt2,
+        task,
+        shots=4,
+        seed=1,
+        lr_grid=[1e300, 10.0],  # the first diverges: recorded, and the grid goes on
+        n_resamples=100,
+        progress=False,
+    )
+    after = _state(gpt2)
+    assert all(torch.equal(before[k], after[k]) for k in before), "caller's model changed"
+
+    assert set(cmp.accuracy) == {"zsl", "icl", "ft"}
+    assert all(0.0 <= a <= 1.0 for a in cmp.accuracy.values())
+    assert [t["diverged"] for t in cmp.lr_search] == [True, False] and cmp.lr == 10.0
+    assert {len(v) for v in cmp.predictions.values()} == {len(task.validation)}
+    assert cmp.info["k_effective"] == 4
+
+    frame = cmp.metrics()
+    overall = frame[(frame["layer"] == -1) & (frame["head"] == -1)]
+    assert set(overall["metric"]) == {"rec2ftp", "simaou", "simam", "kendall"}
+    assert np.isfinite(overall["value"]).all(), overall[~np.isfinite(overall["value"])]
+    expected = {
+        ("rec2ftp", "paper"): {"independent"},
+        ("simaou", "normalised"): {"random_uniform", "random_gaussian", "shuffled_queries"},
+        ("simaou", "unnormalised"): {"random_uniform", "random_gaussian", "shuffled_queries"},
+        ("simam", "changes"): {"random_uniform", "shuffled_heads", "shuffled_queries"},
+        ("kendall", "tau_b"): {"random_uniform", "shuffled_queries"},
+    }
+    for (metric, variant), names in expected.items():
+        rows = overall[(overall["metric"] == metric) & (overall["variant"] == variant)]
+        assert names | {"none", CONTROL} <= set(rows["baseline"]), (metric, variant)
+    # per-layer and per-head breakdowns
+    simam = frame[(frame["metric"] == "simam") & (frame["baseline"] == "none")]
+    assert {(la, h) for la, h in zip(simam["layer"], simam["head"], strict=True) if h >= 0} == {
+        (la, h) for la in range(2) for h in range(4)
+    }
+    assert set(frame[frame["metric"] == "kendall"]["layer"]) == {-1, 0, 1}
+
+    # results.json-style round trip, strict JSON
+    path = cmp.to_json(tmp_path / "results.json")
+    data = json.loads(path.read_text())
+    assert set(data["accuracy"]) == {"zsl", "icl", "ft"}
+    for metric in ("rec2ftp", "simaou", "simam", "kendall"):
+        assert {"value", "baselines"} <= set(data["metrics"][metric])
+        assert CONTROL in data["metrics"][metric]["baselines"]
+    back = Comparison.from_json(path)
+    assert back.accuracy == cmp.accuracy and back.predictions == cmp.predictions
+    assert back.lr == cmp.lr and back.lr_search == json.loads(json.dumps(cmp.lr_search))
+    assert back.metrics().equals(cmp.metrics())
+    assert back.summary() == cmp.summary()
+
+
+def test_rotary_gqa_model_and_the_dai2023_protocol(task):
+    model, _ = make_model("llama")
+    cmp = il.compare(
+        model,
+        task,
+        shots=4,
+        seed=1,
+        lr_grid=[10.0],
+        protocol="dai2023",
+        control=False,
+        n_resamples=50,
+        progress=False,
+    )
+    overall = cmp.metrics().query("layer == -1 and head == -1 and metric != 'rec2ftp'")
+    assert np.isfinite(overall["value"]).all()
+    assert cmp.config["protocol"] == "dai2023"
+
+    # dai2023 records at an appended first-candidate label token; the prediction is the
+    # same as at the prediction position (causal attention)
+    spec = task.spec
+    labels = label_tokens(model.tokenizer, spec)
+    tok = model.tokenizer
+    queries = [torch.tensor(encode(tok, spec.format_query(ex))) for ex in task.validation[:3]]
+    bos = torch.tensor([tok.bos_token_id])
+    at_pred = record(model, bos, queries, labels)
+    at_label = record(model, bos, queries, labels, protocol="dai2023")
+    assert at_pred.positions.tolist() == [len(q) - 1 for q in queries]
+    assert at_label.positions.tolist() == [len(q) for q in queries]
+    torch.testing.assert_close(at_label.class_scores, at_pred.class_scores)
+    assert [s.shape[-1] for s in at_label.query_scores] == [len(q) + 2 for q in queries]
+    assert not torch.allclose(at_label.attn_out, at_pred.attn_out)
+
+
+def test_checkpoints_resume_and_refuse_other_settings(gpt2, task, tmp_path):
+    kw = dict(shots=4, seed=2, lr_grid=[10.0], control=False, n_resamples=50, progress=False)
+    first = il.compare(gpt2, task, checkpoint_dir=tmp_path, **kw)
+    assert first.stages["loaded"] == [] and "lr=10.0" in first.stages["computed"]
+    again = il.compare(gpt2, task, checkpoint_dir=tmp_path, **kw)
+    assert again.stages["computed"] == []
+    assert again.metrics().equals(first.metrics()) and again.accuracy == first.accuracy
+    with pytest.raises(ValueError, match="other settings.*shots"):
+        il.compare(gpt2, task, checkpoint_dir=tmp_path, **{**kw, "shots": 2})
+
+
+def test_aggregation_over_seeds_and_orders(gpt2, task):
+    runs = il.compare_runs(
+        gpt2,
+        task,
+        seeds=(1, 2),
+        orders=(None, 0),
+        shots=4,
+        lr_grid=[10.0],
+        control=False,
+        n_resamples=20,
+        progress=False,
+    )
+    assert len(runs.runs) == 4
+    summary = runs.summary()
+    row = summary.query("metric == 'simaou' and variant == 'normalised' and baseline == 'none'")
+    row = row.query("layer == -1 and head == -1")
+    assert row["n"].item() == 4 and np.isfinite(row["std"].item())
+    assert list(runs.accuracy().columns) == ["seed", "order", "zsl", "icl", "ft"]
+
+
+# ---- the untrained-weights control ----------------------------------------------------
+
+
+def test_untrained_copy_is_seeded_moment_matched_and_leaves_the_model(gpt2):
+    before = _state(gpt2)
+    a, b = untrained_copy(gpt2, seed=0), untrained_copy(gpt2, seed=0)
+    c = untrained_copy(gpt2, seed=1)
+    assert all(torch.equal(before[k], v) for k, v in _state(gpt2).items())
+    for (name, p), (_, q), (_, r), (_, s) in zip(
+        gpt2.named_parameters(),
+        a.named_parameters(),
+        b.named_parameters(),
+        c.named_parameters(),
+        strict=True,
+    ):
+        assert torch.equal(q, r), name  # same seed, same weights
+        if p.numel() > 1 and p.std() > 0:
+            assert not torch.equal(p, q) and not torch.equal(q, s), name
+            assert float(q.detach().std()) == pytest.approx(float(p.detach().std()), rel=0.35), name
+        else:
+            assert torch.allclose(q, p), name  # constant tensors stay constant
+
+
+# ---- errors ---------------------------------------------------------------------------
+
+
+def test_label_words_sharing_a_first_token_are_refused(gpt2, tmp_path):
+    bad = load_task(
+        write_task(tmp_path / "t.jsonl", labels=(0, 1)),
+        template=TEMPLATE,
+        label_words=[" good", " good bad"],
+    )
+    with pytest.raises(ValueError, match="share their first token"):
+        il.compare(gpt2, bad, shots=2, lr_grid=[0.1], progress=False)
+
+
+def test_more_shots_than_train_examples(gpt2, task):
+    with pytest.raises(ValueError, match=r"k=40 .* only 16 examples"):
+        il.compare(gpt2, task, shots=40, lr_grid=[0.1], progress=False)
+
+
+def test_a_hub_task_offline_says_how_to_pass_a_local_file(gpt2):
+    with pytest.raises(TaskLoadError, match="Pass a local file instead"):
+        il.compare(gpt2, "sst2", shots=2, lr_grid=[0.1], progress=False)
