@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMANDS: dict[str, str] = {
+    "demo": "icl_lens.cli_demo",
     "run": "icl_lens.cli_run",
     "report": "icl_lens.report",
 }
