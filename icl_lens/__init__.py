@@ -8,14 +8,18 @@
 from icl_lens.adapter import ModelAdapter, adapt
 from icl_lens.compare import ComparisonSet, compare, compare_runs
 from icl_lens.comparison import Comparison
+from icl_lens.demonstrations import sample_demonstrations
 from icl_lens.duality import Decomposition, decompose
 from icl_lens.finetune import FinetuneResult, finetune, search_lr
 from icl_lens.loading import load_model
+from icl_lens.momentum import add_momentum, remove_momentum
 from icl_lens.predict import Predictions, predict
 from icl_lens.prefix import PrefixRunner
 from icl_lens.prompts import Prompt, build_prompt, task_prompt
 from icl_lens.quickstart import icl_prompt, toy_model
 from icl_lens.records import Records, record
+from icl_lens.report import write_report
+from icl_lens.task_sources import load_task
 from icl_lens.tasks import Example, Task, TaskSpec
 from icl_lens.untrained import untrained_copy
 
@@ -27,12 +31,13 @@ __all__ = [
     "FinetuneResult",
     "ModelAdapter",
     "Predictions",
-    "Prompt",
     "PrefixRunner",
+    "Prompt",
     "Records",
     "Task",
     "TaskSpec",
     "adapt",
+    "add_momentum",
     "build_prompt",
     "compare",
     "compare_runs",
@@ -40,11 +45,15 @@ __all__ = [
     "finetune",
     "icl_prompt",
     "load_model",
+    "load_task",
     "predict",
     "record",
+    "remove_momentum",
+    "sample_demonstrations",
     "search_lr",
     "task_prompt",
     "toy_model",
     "untrained_copy",
+    "write_report",
 ]
 __version__ = "0.1.0"

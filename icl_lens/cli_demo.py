@@ -42,8 +42,6 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from icl_lens.cli_run import format_table
     from icl_lens.compare import compare
-    from icl_lens.demonstrations import sample_demonstrations
-    from icl_lens.prompts import task_prompt
     from icl_lens.quickstart import toy_model
     from icl_lens.report import save_views, write_report
     from icl_lens.toy import TRAIN_SEED_BASE, toy_task
@@ -75,10 +73,8 @@ def run(args) -> int:
     cmp.config.update({"model_name": "icl-lens toy model", "task_source": task.spec.name})
     cmp.to_json(out / "results.json")
     cmp.to_csv(out / "metrics.csv")
-    demos = sample_demonstrations(task, args.shots, seed=args.seed)
-    prompt = task_prompt(model.tokenizer, task.spec, demos, task.validation[0])
     try:
-        save_views(out, model, prompt, ft_lr=cmp.lr, spec=task.spec)
+        save_views(out, model, cmp.prompt, ft_lr=cmp.lr, spec=cmp.spec)
         report = write_report(out)
     except OutputPathError as err:
         raise UserError(str(err)) from err

@@ -125,6 +125,7 @@ def _silence_progress() -> None:
 def run(args) -> int:
     from icl_lens.compare import compare
     from icl_lens.loading import load_model
+    from icl_lens.report import save_views
     from icl_lens.task_sources import TaskLoadError, load_task
 
     if args.quiet:
@@ -170,6 +171,7 @@ def run(args) -> int:
     cmp.config.update({"model_name": args.model, "task_source": str(args.task)})
     cmp.to_json(args.out / "results.json")
     cmp.to_csv(args.out / "metrics.csv")
+    save_views(args.out, model, cmp.prompt, ft_lr=cmp.lr, spec=cmp.spec)
     if not args.quiet and cmp.stages.get("loaded"):
         print(
             f"resumed: loaded {len(cmp.stages['loaded'])} finished stages from "
@@ -178,5 +180,9 @@ def run(args) -> int:
         )
     print(format_table(cmp))
     if not args.quiet:
-        print(f"wrote {args.out / 'results.json'} and {args.out / 'metrics.csv'}", file=sys.stderr)
+        print(
+            f"wrote {args.out / 'results.json'}, {args.out / 'metrics.csv'} and "
+            f"{args.out / 'views.json'}; `icl-lens report {args.out}` makes the HTML page",
+            file=sys.stderr,
+        )
     return 0

@@ -312,6 +312,8 @@ def compare(
         config={k: v for k, v in config.items() if k not in ("model", "task")},
         info=info,
         results=measured.results,
+        prompt=prompt,
+        spec=spec,
     )
     result.stages = {
         "loaded": list(store.loaded) if store else [],

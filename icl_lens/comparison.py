@@ -83,6 +83,23 @@ class Comparison:
     info: dict[str, Any] = field(default_factory=dict)
     results: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     stages: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
+    prompt: Any = field(default=None, repr=False, compare=False)
+    """The ICL prompt of the first validation query (not serialised)."""
+    spec: Any = field(default=None, repr=False, compare=False)
+    """The task's TaskSpec (not serialised)."""
+
+    def report(self, path: str | os.PathLike, *, model=None) -> Path:
+        """Write one self-contained offline HTML page; with the ``model`` the comparison
+        ran on, it includes the circuitsvis panels of the top heads for the first query.
+
+        >>> cmp.report("sst2.html", model=model)   # doctest: +SKIP
+        """
+        from icl_lens.report import collect_views, write_report
+
+        views = None
+        if model is not None and self.prompt is not None:
+            views = collect_views(model, self.prompt, ft_lr=self.lr, spec=self.spec)
+        return write_report(self, path, views=views)
 
     def metrics(self) -> pd.DataFrame:
         """Tidy rows ``metric, variant, baseline, layer, head, value, ci_low, ci_high,

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +52,8 @@ import torch
 from circuitsvis.utils.render import RenderedHTML
 from jaxtyping import Float
 from torch import Tensor
+
+from icl_lens.files import OutputPathError, atomic_write_text
 
 __all__ = [
     "AttentionComparison",
@@ -147,35 +148,6 @@ def circuitsvis_bundle() -> str:
         )
     js = path.read_text(encoding="utf-8")
     return re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE)
-
-
-class OutputPathError(OSError):
-    """The output path cannot be written (missing permission, a directory, ...)."""
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``; a reader
-    sees the old file or the new one, never a half-written one. Parent folders are
-    created. Raises :class:`OutputPathError` with the reason if it cannot be written."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputPathError(f"cannot write {path}: it is a directory; give a file name")
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise OutputPathError(f"cannot write {path}: {reason}; choose a writable location") from err
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 # ---------------------------------------------------------------------------------------
