@@ -166,8 +166,8 @@ def predict_queries(
     parts = []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start : start + batch_size]
-        out = runner.run(chunk)
-        last = out.logits[torch.arange(len(chunk)), out.lengths - 1]
+        out = runner.run(chunk, logit_positions=[[len(q) - 1] for q in chunk])
+        last = out.logits[:, 0]  # the prediction position only: no unembedding elsewhere
         parts.append(first_token_scores(last, labels))
     scores = torch.cat(parts) if parts else torch.zeros(0, labels.n_classes)
     if not labels.single_token:

@@ -135,8 +135,13 @@ def record(
             pos = [len(t) for t in chunk]
         else:
             run, pos = chunk, [len(t) - 1 for t in chunk]
-        out = runner.run(run, positions=[[p] for p in pos], what={"attn_out", "scores", "q"})
-        last = out.logits[torch.arange(len(chunk)), torch.tensor([len(t) - 1 for t in chunk])]
+        out = runner.run(
+            run,
+            positions=[[p] for p in pos],
+            what={"attn_out", "scores", "q"},
+            logit_positions=[[len(t) - 1] for t in chunk],  # unembed the prediction only
+        )
+        last = out.logits[:, 0]
         first.append(first_token_scores(last, labels))
         v = {key: x.float().cpu() for key, x in out.values.items()}
         attn_out.append(torch.stack([v["attn_out", la][:, 0] for la in layers], dim=1))
