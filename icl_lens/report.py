@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from icl_lens.analyses import FRAME_COLUMNS
 from icl_lens.viz import (
     AttentionComparison,
     Markup,
@@ -69,18 +70,6 @@ RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.csv"
 VIEWS_FILE = "views.json"
 REPORT_FILE = "report.html"
-FRAME_COLUMNS = (
-    "metric",
-    "variant",
-    "baseline",
-    "layer",
-    "head",
-    "value",
-    "ci_low",
-    "ci_high",
-    "n_queries",
-    "n_skipped",
-)
 METRIC_ORDER = ("rec2ftp", "simaou", "simam", "kendall")
 PAPER_VARIANT = {"rec2ftp": "paper", "simaou": "normalised", "simam": "after", "kendall": "tau_b"}
 METRIC_TITLES = {

@@ -8,7 +8,6 @@ import sys
 
 import pandas as pd
 import pytest
-import torch
 from icl_lens.analyses import FRAME_COLUMNS
 
 from icl_lens.cli import main
@@ -16,14 +15,6 @@ from tests.models import make_hf_model, make_tokenizer
 from tests.test_compare import TEMPLATE, write_task
 
 COMPARE = sys.modules["icl_lens.compare"]  # the module (``icl_lens.compare`` is the function)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -39,15 +39,6 @@ def write_task(path, n_train=16, n_val=12, seed=0, labels=("bad", "good")):
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than several on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     path = write_task(tmp_path_factory.mktemp("task") / "two_class.jsonl")

@@ -29,15 +29,6 @@ from tests.models import make_model
 DEMOS = ["Sentence: w1 w2 Label: good", "Sentence: w50 Label: bad", "Sentence: w3 w4 Label: good"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than several on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def gpt2():
     """A two-layer random-init GPT-2 (finetune never modifies it: shared)."""
