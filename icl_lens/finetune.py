@@ -285,7 +285,11 @@ def kv_inputs(model, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "layer pos d_
 
 
 def _finite(params: list[Tensor]) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in params)
+    """No NaN or inf in any tensor: its min and max (both propagate NaN), read in place
+    (K/V weights can be strided views), one sync. ``isfinite(p).all()`` wrote temporaries
+    in five passes and cost ~15% of a GPT-2-small step."""
+    extremes = [torch.stack((p.detach().amin(), p.detach().amax())) for p in params if p.numel()]
+    return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
 
 
 def finetune(
