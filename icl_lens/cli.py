@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "icl_lens.cli_demo",
     "run": "icl_lens.cli_run",
     "report": "icl_lens.report",
+    "momentum": "icl_lens.cli_momentum",
 }
 """Subcommand name -> module with ``register(subparsers)``."""
 
