@@ -19,6 +19,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, str] = {
     "demo": "icl_lens.cli_demo",
     "run": "icl_lens.cli_run",
+    "bench": "icl_lens.bench",
     "report": "icl_lens.report",
     "momentum": "icl_lens.cli_momentum",
 }

@@ -1,0 +1,47 @@
+"""``icl-lens bench`` on a tiny shape: it runs, reports its JSON, and (b) equals (a).
+
+Speed is measured by the benchmark, never asserted here."""
+
+import json
+
+import pytest
+
+from icl_lens.bench import BenchConfig, bench
+from icl_lens.cli import main
+
+TINY = ["--layers", "2", "--d-model", "64", "--heads", "4", "--vocab", "300"]
+KEYS = {"speedup_vs_naive", "ratio_to_floor", "max_abs_diff", "peak_mem_ratio"}
+
+
+def test_cli_bench_tiny_prints_json_and_matches_naive(capsys):
+    code = main(
+        ["bench", *TINY, "-k", "3", "--queries", "5", "--batch-size", "2", "--threads", "1"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert KEYS <= set(summary)
+    assert summary["max_abs_diff"] <= 1e-4
+    assert all(summary[k] > 0 for k in KEYS - {"max_abs_diff"})
+    assert "path taken by (b): cache" in out
+
+
+@pytest.mark.slow
+def test_bench_ft_and_pipeline_modes_tiny():
+    cfg = BenchConfig(
+        n_layers=1, d_model=32, n_heads=4, d_vocab=200, k=3, n_queries=4, lr_grid="1e-3,1e-2"
+    )
+    modes = ("naive", "capture", "ft", "ft_floor", "pipeline", "pipeline_floor")
+    result = bench(cfg, modes=modes, in_process=True)
+    summary = result.summary()
+    assert {"ft_ratio", "pipeline_ratio"} <= set(summary)
+    assert summary["max_abs_diff"] <= 1e-4
+    passes = result.modes["pipeline_floor"]["passes"]
+    assert {"zsl", "icl", "ft train", "ft eval", "control ft train"} <= set(passes)
+
+
+def test_bench_rejects_a_bad_shape():
+    with pytest.raises(ValueError, match="multiple of heads"):
+        bench(BenchConfig(d_model=30, n_heads=4), in_process=True)
+    with pytest.raises(ValueError, match="unknown modes"):
+        bench(BenchConfig(n_layers=1, d_model=32, n_heads=4, d_vocab=100), modes=["fast"])
