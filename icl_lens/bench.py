@@ -10,7 +10,11 @@ d_model 768, 12 heads, vocabulary 50257) loaded like any other model
 (:func:`icl_lens.load_model`); demonstrations and queries are random token ids of
 SST-2-like lengths (a demonstration 25-30 tokens, a query 20-30), seeded.
 
-Modes, each timed in its own fresh Python process after one small warm-up forward:
+Modes, each timed in its own fresh Python process after one small warm-up forward, run
+``--repeat`` times (default 3, interleaved) except (a); a mode's time is its fastest run,
+the one least disturbed by other work on the machine (all runs are printed). (a) runs
+once; its time is its fastest prompt's seconds per token times every prompt's tokens,
+which favours (a):
 
 - (a) ``naive``: every query's full ICL prompt (BOS + demonstrations + query), one at a
   time, through the model's own ``run_with_cache`` (every hook cached); the recorded
@@ -39,9 +43,11 @@ peaks are printed too. Where ``clear_refs`` is not writable the fallback is
 output).
 
 ``--ft``: (d) :func:`icl_lens.finetune.finetune` (record_queries=True, as the chosen
-learning rate's run in ``compare``) against (e) its floor: for each demonstration a
-bare forward, the mean next-token loss and a backward with only the key/value
-projections requiring grad, then the SGD update.
+learning rate's run in ``compare``; its model copy included) against (e) its floor: on a
+copy made before the clock starts (as finetune trains one: the copy's K/V weights own
+their storage, the bridge's are strided views of the joint QKV weight), for each
+demonstration a bare forward, the mean next-token loss and a backward with only the
+key/value projections requiring grad, then the SGD update.
 
 ``--pipeline``: (f) ``compare`` (``icl-lens run``'s engine) on a synthetic local task
 file (SST-2 template, random words) with the short learning-rate grid, against (g) its
@@ -548,6 +554,14 @@ def run_mode(mode: str, cfg: BenchConfig, out_dir: Path) -> dict:
     labels = _labels()
     with torch.no_grad():  # warm-up: allocator, lazy initialisation, thread pool
         model(prefix[None, :16])
+    if mode in ("ft_floor", "pipeline_floor"):
+        # train what finetune trains: a copy (copy_model gives the K/V weights their own
+        # storage; on the bridge they are strided views of the joint QKV weight, and
+        # training those is slower), made before the clock starts
+        from icl_lens.finetune import copy_model
+
+        model = copy_model(model)
+        gc.collect()
     result: dict = {"mode": mode, "threads": torch.get_num_threads()}
     with _Memory() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
