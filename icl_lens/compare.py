@@ -52,7 +52,7 @@ from icl_lens.demonstrations import (
     query_token_budget,
     sample_demonstrations,
 )
-from icl_lens.finetune import LrTrial, finetune, run_trial, select_lr
+from icl_lens.finetune import BestTrial, LrTrial, finetune, run_trial, select_lr
 from icl_lens.finetune import lr_grid as resolve_lr_grid
 from icl_lens.measure import control_rows, measure
 from icl_lens.predict import label_tokens, predict_queries
@@ -200,9 +200,9 @@ def compare(
         bar.update(1)
         return out
 
-    def settings(get_model: Callable[[], Any], prefix_tag: str, lr: float):
+    def settings(get_model: Callable[[], Any], prefix_tag: str, lr: float, reuse=lambda: None):
         """ZSL, ICL and FT (at ``lr``) stages; ``get_model`` is called only if one of
-        them has to be computed."""
+        them has to be computed; ``reuse()`` may return the finetuned copy already."""
         zsl = stage(
             f"{prefix_tag}zsl",
             lambda: record(get_model(), bos, queries, labels, desc="zsl", **rec_opts),
@@ -215,7 +215,9 @@ def compare(
         )
 
         def run_ft():
-            ft = finetune(get_model(), prompt, lr=lr, record_queries=True, progress=progress)
+            ft = reuse() or finetune(
+                get_model(), prompt, lr=lr, record_queries=True, progress=progress
+            )
             if ft.diverged:
                 return {"diverged": True, "losses": ft.losses.tolist()}
             rec = record(ft.model, bos, queries, labels, desc="ft", **rec_opts)
@@ -233,16 +235,19 @@ def compare(
         return predict_queries(ft_model, bos, queries, labels, gold=gold, batch_size=batch_size)
 
     trials = []
+    kept = BestTrial()  # the chosen lr's finetuned copy is rebuilt, not trained again
     for lr in grid:
         bar.set_postfix_str(f"lr={lr:g}")
         trial = _load(
-            store, f"lr={lr!r}", lambda lr=lr: run_trial(model, prompt, lr, evaluate).to_dict()
+            store,
+            f"lr={lr!r}",
+            lambda lr=lr: run_trial(model, prompt, lr, evaluate, keep=kept.offer).to_dict(),
         )
         trials.append(LrTrial(**trial))
         bar.update(1)
     best = select_lr(trials)
 
-    zsl, icl, ft = settings(lambda: model, "", best.lr)
+    zsl, icl, ft = settings(lambda: model, "", best.lr, reuse=lambda: kept.take(model, best.lr))
     if ft["diverged"]:  # cannot happen for a deterministic rerun of a converged trial
         raise RuntimeError(f"finetuning at the selected lr={best.lr:g} diverged on its rerun")
     ft_rec = Records.from_dict(ft["records"])

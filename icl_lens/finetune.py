@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from icl_lens.prompts import Prompt
 __all__ = [
     "PAPER_LR_GRID",
     "SHORT_LR_GRID",
+    "BestTrial",
     "FinetuneResult",
     "FinetuneStep",
     "LrTrial",
@@ -432,11 +434,18 @@ def select_lr(trials: Sequence[LrTrial]) -> LrTrial:
 
 
 def run_trial(
-    model, demonstrations, lr: float, evaluate: Callable[[torch.nn.Module], object]
+    model,
+    demonstrations,
+    lr: float,
+    evaluate: Callable[[torch.nn.Module], object],
+    *,
+    keep: Callable[[FinetuneResult, LrTrial], None] | None = None,
 ) -> LrTrial:
     """Finetune at ``lr`` and evaluate the copy with ``evaluate(ft_model)`` (which returns
-    :class:`~icl_lens.predict.Predictions`)."""
-    ft = finetune(model, demonstrations, lr=lr, record_queries=False)
+    :class:`~icl_lens.predict.Predictions`). ``keep(ft, trial)`` is called for a
+    converged trial, with the training-token queries recorded (e.g.
+    :meth:`BestTrial.offer`)."""
+    ft = finetune(model, demonstrations, lr=lr, record_queries=keep is not None)
     losses = [float(x) for x in ft.losses]
     if ft.diverged:
         return LrTrial(lr, None, None, True, losses, ft.diverged_at)
@@ -444,7 +453,52 @@ def run_trial(
     scores_ok = bool(torch.isfinite(pred.scores).all())
     if not scores_ok:  # finite weights that still overflow at evaluation
         return LrTrial(lr, None, None, True, losses, None)
-    return LrTrial(lr, pred.accuracy, pred.gold_log_prob, False, losses)
+    trial = LrTrial(lr, pred.accuracy, pred.gold_log_prob, False, losses)
+    if keep is not None:
+        keep(ft, trial)
+    return trial
+
+
+class BestTrial:
+    """The best converged trial so far (the rule of :func:`select_lr`), kept as its
+    trained K/V weights and records, not as a model copy, so that the chosen learning
+    rate is not trained a second time: :meth:`take` rebuilds the finetuned copy from the
+    original model, bitwise equal to training it again (training is deterministic).
+
+    >>> kept = BestTrial()
+    >>> trials = [run_trial(model, prompt, lr, evaluate, keep=kept.offer)
+    ...           for lr in (1e-3, 1e-2)]                               # doctest: +SKIP
+    >>> ft = kept.take(model, select_lr(trials).lr)                     # doctest: +SKIP
+    """
+
+    def __init__(self):
+        self._key: tuple[float, float] | None = None
+        self._result: FinetuneResult | None = None
+        self._kv: dict[str, Tensor] = {}
+
+    def offer(self, ft: FinetuneResult, trial: LrTrial) -> None:
+        if trial.diverged or trial.accuracy is None or ft.diverged:
+            return
+        key = (trial.accuracy, -trial.lr)
+        if self._key is not None and key <= self._key:
+            return
+        params = adapt(ft.model).kv_parameters(ft.model)
+        self._kv = {name: p.detach().clone() for name, p in params}
+        self._result = dataclasses.replace(ft, model=None)
+        self._key = key
+
+    def take(self, model, lr: float) -> FinetuneResult | None:
+        """The finetuned copy of ``model`` at ``lr`` if that is the kept trial, else None."""
+        if self._result is None or self._result.lr != float(lr):
+            return None
+        clone = copy_model(model)
+        with torch.no_grad():
+            for name, p in adapt(model).kv_parameters(clone):
+                p.copy_(self._kv[name])
+        for p in clone.parameters():
+            p.requires_grad_(False)
+        clone.eval()
+        return dataclasses.replace(self._result, model=clone)
 
 
 def search_lr(

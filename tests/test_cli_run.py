@@ -88,11 +88,15 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(
 ):
     out = tmp_path / "run"
 
-    def interrupt(*a, **kw):  # dies while finetuning at the selected learning rate
-        raise KeyboardInterrupt
+    real_record = COMPARE.record
+
+    def interrupt(*a, desc="", **kw):  # dies in the FT stage at the selected learning rate
+        if desc == "ft":
+            raise KeyboardInterrupt
+        return real_record(*a, desc=desc, **kw)
 
     with monkeypatch.context() as m:
-        m.setattr(COMPARE, "finetune", interrupt)
+        m.setattr(COMPARE, "record", interrupt)
         assert main(args(files, out)) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
     assert not (out / "results.json").exists()

@@ -15,3 +15,67 @@ def test_divergence_check_sees_nan_and_inf_in_strided_weights(bad):
     k_view[2, 5] = bad
     assert not _finite(params)
     assert _finite([])
+
+
+def _tiny_setup():
+    import icl_lens as il
+    from icl_lens.predict import label_tokens, predict_queries
+    from tests.models import make_model
+
+    model = make_model("gpt2", n_layers=1)[0]
+    prompt = il.build_prompt(
+        model.tokenizer, ["w1 w2 good", "w3 bad", "w4 w5 good"], "w6", separator=" \n"
+    )
+    spec = il.TaskSpec("t", "Sentence: {text} Label:", (" bad", " good"))
+    labels = label_tokens(model.tokenizer, spec)
+    queries = [torch.tensor([92, 6, 93]), torch.tensor([92, 70, 93]), torch.tensor([92, 8, 93])]
+
+    def evaluate(m):
+        return predict_queries(m, prompt.tokens[:1], queries, labels, gold=[1, 0, 1])
+
+    return model, prompt, evaluate
+
+
+def test_the_kept_best_trial_equals_training_it_again():
+    from icl_lens.adapter import adapt
+    from icl_lens.finetune import BestTrial, finetune, run_trial, select_lr
+
+    model, prompt, evaluate = _tiny_setup()
+    kept = BestTrial()
+    trials = [run_trial(model, prompt, lr, evaluate, keep=kept.offer) for lr in (0.3, 0.01, 3.0)]
+    best = select_lr(trials)
+    assert kept.take(model, 123.0) is None  # not a kept learning rate
+    rebuilt = kept.take(model, best.lr)
+    again = finetune(model, prompt, lr=best.lr, record_queries=True)
+    assert rebuilt.lr == best.lr and not rebuilt.diverged
+    assert torch.equal(rebuilt.losses, again.losses)
+    assert torch.equal(rebuilt.train_queries, again.train_queries)
+    want = again.model.state_dict()
+    for name, x in rebuilt.model.state_dict().items():
+        assert torch.equal(x, want[name]), name
+    assert not any(p.requires_grad for p in rebuilt.model.parameters())
+    assert not rebuilt.model.training
+    original = dict(adapt(model).kv_parameters())
+    trained = adapt(model).kv_parameters(rebuilt.model)
+    assert any(not torch.equal(p, original[name]) for name, p in trained)
+
+
+def test_compare_trains_the_chosen_lr_once(monkeypatch, tmp_path):
+    import icl_lens as il
+    from icl_lens.task_sources import load_task
+    from tests.test_compare import TEMPLATE, write_task
+
+    compare_module = __import__("importlib").import_module("icl_lens.compare")
+    model, _, _ = _tiny_setup()
+    spec = il.TaskSpec("two_class", TEMPLATE, (" bad", " good"), separator=" \n")
+    task = load_task(write_task(tmp_path / "t.jsonl"), spec=spec)
+    calls = []
+    real = compare_module.finetune
+    monkeypatch.setattr(
+        compare_module, "finetune", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    cmp = compare_module.compare(
+        model, task, shots=4, lr_grid="1e-2,1e-1", control=False, progress=False, n_resamples=10
+    )
+    assert calls == []  # the grid's trials train (in run_trial); the chosen lr is reused
+    assert cmp.lr in (1e-2, 1e-1)
