@@ -79,3 +79,54 @@ def test_compare_trains_the_chosen_lr_once(monkeypatch, tmp_path):
     )
     assert calls == []  # the grid's trials train (in run_trial); the chosen lr is reused
     assert cmp.lr in (1e-2, 1e-1)
+
+
+def test_bridge_attention_keeps_no_pattern_after_its_forward():
+    """TL 4.3's bridge attention kept its last pattern on every layer (all layers' at
+    once during a forward, and their autograd graph after a training step)."""
+    from icl_lens.loading import installed_line
+    from tests.models import make_model
+
+    if installed_line() != "bridge":
+        pytest.skip("TransformerBridge (TransformerLens 4) only")
+    model = make_model("gpt2")[0]
+    seen = []
+    with (
+        torch.no_grad(),
+        model.hooks(
+            fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook=None: seen.append(x.shape))]
+        ),
+    ):
+        model(torch.tensor([[1, 5, 6, 7]]))
+    assert seen  # hooks still see the pattern
+    assert all(getattr(block.attn, "_pattern", None) is None for block in model.blocks)
+
+
+def test_later_batches_of_other_widths_stay_exact():
+    """The prefix cache is rebuilt for every batch and never extended."""
+    import icl_lens as il
+    from tests.models import make_model, make_tokenizer
+
+    for arch in ("gpt2", "llama"):
+        model = make_model(arch)[0]
+        adapter = il.adapt(model)
+        tok = make_tokenizer()
+        prefix = il.build_prompt(tok, ["w1 w2 good", "w3 bad"], "w0", separator=" \n").prefix
+        queries = [
+            torch.tensor(il.prompts.encode(tok, " ".join(f"w{j}" for j in range(10, 10 + n))))
+            for n in (2, 7, 3, 9, 1, 4)
+        ]
+        full = il.PrefixRunner(adapter, prefix, reuse=False).run(queries, what={"attn_out"})
+        runner = il.PrefixRunner(adapter, prefix)
+        got = []
+        for chunk in (queries[:1], queries[1:4], queries[4:]):
+            out = runner.run(
+                chunk, what={"attn_out"}, logit_positions=[[len(q) - 1] for q in chunk]
+            )
+            got.append((out.logits[:, 0], out.values["attn_out", 1][:, 0]))
+        assert runner.path == "cache"
+        logits = torch.cat([g[0] for g in got])
+        attn = torch.cat([g[1] for g in got])
+        for b, q in enumerate(queries):
+            assert (logits[b] - full.logits[b, len(q) - 1]).abs().max() <= 1e-4
+            assert (attn[b] - full.values["attn_out", 1][b, 0]).abs().max() <= 1e-4
