@@ -19,7 +19,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, str] = {
     "demo": "icl_lens.cli_demo",
     "run": "icl_lens.cli_run",
-    "bench": "icl_lens.bench",
+    "bench": "icl_lens.cli_bench",
     "report": "icl_lens.report",
     "momentum": "icl_lens.cli_momentum",
 }

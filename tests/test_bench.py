@@ -32,9 +32,11 @@ def test_bench_ft_and_pipeline_modes_tiny():
         n_layers=1, d_model=32, n_heads=4, d_vocab=200, k=3, n_queries=4, lr_grid="1e-3,1e-2"
     )
     modes = ("naive", "capture", "ft", "ft_floor", "pipeline", "pipeline_floor")
+    cfg.repeat = 1
     result = bench(cfg, modes=modes, in_process=True)
     summary = result.summary()
-    assert {"ft_ratio", "pipeline_ratio"} <= set(summary)
+    assert {"ft_ratio", "ft_step_ratio", "pipeline_ratio"} <= set(summary)
+    assert result.modes["ft"]["copy_seconds"] > 0
     assert summary["max_abs_diff"] <= 1e-4
     passes = result.modes["pipeline_floor"]["passes"]
     assert {"zsl", "icl", "ft train", "ft eval", "control ft train"} <= set(passes)
@@ -45,3 +47,19 @@ def test_bench_rejects_a_bad_shape():
         bench(BenchConfig(d_model=30, n_heads=4), in_process=True)
     with pytest.raises(ValueError, match="unknown modes"):
         bench(BenchConfig(n_layers=1, d_model=32, n_heads=4, d_vocab=100), modes=["fast"])
+
+
+def test_a_mode_and_its_floor_are_timed_in_alternating_rounds(monkeypatch, tmp_path):
+    import icl_lens.bench as bench_module
+
+    order = []
+
+    def fake_run_once(mode, w, directory, **kwargs):
+        order.append(mode)
+        return {"mode": mode, "seconds": 1.0}
+
+    monkeypatch.setattr(bench_module, "run_once", fake_run_once)
+    cfg = BenchConfig(n_layers=1, d_model=32, n_heads=4, d_vocab=100, k=2, n_queries=3, repeat=3)
+    runs = bench_module.time_modes(["naive", "capture", "floor"], cfg, tmp_path)
+    assert order == ["naive", "capture", "floor", "floor", "capture", "capture", "floor"]
+    assert [len(runs[m]) for m in ("naive", "capture", "floor")] == [1, 3, 3]
