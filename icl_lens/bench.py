@@ -92,9 +92,7 @@ def time_modes(modes: Sequence[str], cfg: BenchConfig, out_dir: Path) -> dict[st
     alternating order for ``cfg.repeat`` rounds. (a)'s and (b)'s first recorded values
     are saved in ``out_dir`` for :func:`_max_abs_diff`."""
     _set_threads(cfg)
-    w = Workload.load(cfg)
-    if any(m in ("ft_floor", "pipeline_floor") for m in modes):
-        w.training_copy  # noqa: B018 - made before any clock starts
+    w = Workload.load(cfg, modes)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     rounds = [m for m in modes if m != "naive"]
     order = (["naive"] if "naive" in modes else []) + [
@@ -114,9 +112,7 @@ def memory_of(mode: str, cfg: BenchConfig, out_dir: Path) -> dict:
     """Peak and working resident memory of one run of ``mode`` (meant for a fresh
     process started with :data:`MEMORY_ENV`)."""
     _set_threads(cfg)
-    w = Workload.load(cfg)
-    if mode in ("ft_floor", "pipeline_floor"):
-        w.training_copy  # noqa: B018 - resident before the section, like the model
+    w = Workload.load(cfg, [mode])  # a training copy is resident before the section
     with _Memory() as mem:
         run_once(mode, w, out_dir, naive_prompts=NAIVE_MEMORY_PROMPTS)
     return {

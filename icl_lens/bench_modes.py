@@ -14,7 +14,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import time
 from collections.abc import Iterator, Sequence
@@ -40,35 +39,39 @@ BASE_MODES = ("naive", "capture", "floor")
 MODES = (*BASE_MODES, "ft", "ft_floor", "pipeline", "pipeline_floor")
 
 
+TRAIN_A_COPY = ("ft_floor", "pipeline_floor")
+"""Floors that train in place, on :attr:`Workload.training_copy`."""
+
+
 @dataclass
 class Workload:
-    """The model and the prompts every mode of one benchmark runs on."""
+    """The model and the prompts every mode of one benchmark runs on.
+
+    ``training_copy``: the copy the floors in :data:`TRAIN_A_COPY` train, made once at
+    load and outside every timed section (as finetune trains one: copy_model gives the
+    K/V weights their own storage; on the bridge they are strided views of the joint QKV
+    weight, and training those is slower); ``None`` when no such mode is to run.
+    """
 
     cfg: BenchConfig
     model: torch.nn.Module
     prefix: Tensor
     queries: list[Tensor]
     demos: list[Tensor]
+    training_copy: torch.nn.Module | None = None
 
     @classmethod
-    def load(cls, cfg: BenchConfig) -> Workload:
-        """Build the model and prompts, and warm up (allocator, lazy initialisation,
-        thread pool) with one small forward."""
+    def load(cls, cfg: BenchConfig, modes: Sequence[str] = ()) -> Workload:
+        """Build the model and prompts (and the training copy if ``modes`` need it), and
+        warm up (allocator, lazy initialisation, thread pool) with one small forward."""
+        from icl_lens.finetune import copy_model
+
         model = build_model(cfg)
         prefix, queries, demos = synthetic_icl(cfg)
         with torch.no_grad():
             model(prefix[None, :16])
-        return cls(cfg, model, prefix, queries, demos)
-
-    @functools.cached_property
-    def training_copy(self) -> torch.nn.Module:
-        """A copy to train in the floors, made once and outside every timed section (as
-        finetune trains one: copy_model gives the K/V weights their own storage; on the
-        bridge they are strided views of the joint QKV weight, and training those is
-        slower)."""
-        from icl_lens.finetune import copy_model
-
-        return copy_model(self.model)
+        copy = copy_model(model) if set(modes) & set(TRAIN_A_COPY) else None
+        return cls(cfg, model, prefix, queries, demos, copy)
 
     @property
     def training_sequences(self) -> list[Tensor]:
@@ -347,7 +350,9 @@ def run_once(mode: str, w: Workload, directory: Path, *, naive_prompts: int = 0)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     cfg = w.cfg
-    model = w.training_copy if mode in ("ft_floor", "pipeline_floor") else w.model
+    model = w.training_copy if mode in TRAIN_A_COPY else w.model
+    if model is None:
+        raise ValueError(f"{mode} trains a copy: load the workload with Workload.load(cfg, modes)")
     result: dict = {"mode": mode}
     t0, c0 = time.perf_counter(), time.process_time()
     if mode == "naive":

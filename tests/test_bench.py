@@ -29,10 +29,16 @@ def test_cli_bench_tiny_prints_json_and_matches_naive(capsys):
 @pytest.mark.slow
 def test_bench_ft_and_pipeline_modes_tiny():
     cfg = BenchConfig(
-        n_layers=1, d_model=32, n_heads=4, d_vocab=200, k=3, n_queries=4, lr_grid="1e-3,1e-2"
+        n_layers=1,
+        d_model=32,
+        n_heads=4,
+        d_vocab=200,
+        k=3,
+        n_queries=4,
+        lr_grid="1e-3,1e-2",
+        repeat=1,
     )
     modes = ("naive", "capture", "ft", "ft_floor", "pipeline", "pipeline_floor")
-    cfg.repeat = 1
     result = bench(cfg, modes=modes, in_process=True)
     summary = result.summary()
     assert {"ft_ratio", "ft_step_ratio", "pipeline_ratio"} <= set(summary)
