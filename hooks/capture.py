@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from icl_lens.adapter import ModelAdapter
+from icl_lens.model.adapter import ModelAdapter
 
 PER_POSITION = ("q", "z", "scores", "pattern", "attn_out")
 WHOLE = ("k", "v")

@@ -5,23 +5,23 @@
 >>> dec = il.decompose(model, il.icl_prompt(model, shots=8))     # doctest: +SKIP
 """
 
-from icl_lens.adapter import ModelAdapter, adapt
-from icl_lens.compare import ComparisonSet, compare, compare_runs
-from icl_lens.comparison import Comparison
-from icl_lens.demonstrations import sample_demonstrations
-from icl_lens.duality import Decomposition, decompose
-from icl_lens.finetune import FinetuneResult, finetune, search_lr
-from icl_lens.loading import load_model
-from icl_lens.momentum import add_momentum, remove_momentum
-from icl_lens.predict import Predictions, predict
-from icl_lens.prefix import PrefixRunner
-from icl_lens.prompts import Prompt, build_prompt, task_prompt
+from icl_lens.data.demonstrations import sample_demonstrations
+from icl_lens.data.prompts import Prompt, build_prompt, task_prompt
+from icl_lens.data.task_sources import load_task
+from icl_lens.data.tasks import Example, Task, TaskSpec
+from icl_lens.hooks.momentum import add_momentum, remove_momentum
+from icl_lens.hooks.prefix import PrefixRunner
+from icl_lens.model.adapter import ModelAdapter, adapt
+from icl_lens.model.loading import load_model
+from icl_lens.model.untrained import untrained_copy
 from icl_lens.quickstart import icl_prompt, toy_model
-from icl_lens.records import Records, record
-from icl_lens.report import write_report
-from icl_lens.task_sources import load_task
-from icl_lens.tasks import Example, Task, TaskSpec
-from icl_lens.untrained import untrained_copy
+from icl_lens.study.compare import ComparisonSet, compare, compare_runs
+from icl_lens.study.comparison import Comparison
+from icl_lens.study.duality import Decomposition, decompose
+from icl_lens.study.finetune import FinetuneResult, finetune, search_lr
+from icl_lens.study.predict import Predictions, predict
+from icl_lens.study.records import Records, record
+from icl_lens.views.report import write_report
 
 __all__ = [
     "Comparison",

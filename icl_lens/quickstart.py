@@ -9,10 +9,10 @@ True
 
 from __future__ import annotations
 
-from icl_lens.demonstrations import sample_demonstrations
-from icl_lens.loading import LineChoice, load_model
-from icl_lens.prompts import Prompt, task_prompt
-from icl_lens.tasks import Example, Task
+from icl_lens.data.demonstrations import sample_demonstrations
+from icl_lens.data.prompts import Prompt, task_prompt
+from icl_lens.data.tasks import Example, Task
+from icl_lens.model.loading import LineChoice, load_model
 
 
 def toy_model(*, line: LineChoice = "auto"):
@@ -32,7 +32,7 @@ def resolve_task(task: Task | str, *, seed: int = 0) -> Task:
         from icl_lens.toy import toy_task
 
         return toy_task(seed)
-    from icl_lens.task_sources import load_task
+    from icl_lens.data.task_sources import load_task
 
     return load_task(task)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from icl_lens.bench import BenchConfig, bench
+from icl_lens.bench.runner import BenchConfig, bench
 from icl_lens.cli import main
 
 TINY = ["--layers", "2", "--d-model", "64", "--heads", "4", "--vocab", "300"]
@@ -56,7 +56,7 @@ def test_bench_rejects_a_bad_shape():
 
 
 def test_a_mode_and_its_floor_are_timed_in_alternating_rounds(monkeypatch, tmp_path):
-    import icl_lens.bench as bench_module
+    import icl_lens.bench.runner as bench_module
 
     order = []
 

@@ -2,12 +2,12 @@
 
 import warnings
 
+import icl_lens.hooks.prefix as prefix_module
 import pytest
 import torch
 from icl_lens.hooks import Capture
 
 import icl_lens as il
-import icl_lens.prefix as prefix_module
 from tests.models import ARCHITECTURES, make_model, make_tokenizer
 
 
@@ -19,7 +19,7 @@ def model(request):
 def _queries():
     tok = make_tokenizer()
     texts = ["Sentence: w7 w8 w9 Label:", "Sentence: w10 Label:", "Sentence: w11 w12 Label:"]
-    return [torch.tensor(il.prompts.encode(tok, t)) for t in texts]
+    return [torch.tensor(il.data.prompts.encode(tok, t)) for t in texts]
 
 
 def _prefix():

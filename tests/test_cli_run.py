@@ -14,7 +14,9 @@ from icl_lens.cli import main
 from tests.models import make_hf_model, make_tokenizer
 from tests.test_compare import TEMPLATE, write_task
 
-COMPARE = sys.modules["icl_lens.compare"]  # the module (``icl_lens.compare`` is the function)
+COMPARE = sys.modules[
+    "icl_lens.study.compare"
+]  # the module (``icl_lens.study.compare`` is the function)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def args(files, out, *extra):
 
 
 class Spy:
-    """Wrap a function of icl_lens.compare and record the calls."""
+    """Wrap a function of icl_lens.study.compare and record the calls."""
 
     def __init__(self, monkeypatch, name):
         self.calls = []

@@ -14,13 +14,13 @@ import scipy.stats
 import torch
 
 import icl_lens as il
-from icl_lens.comparison import Comparison
-from icl_lens.measure import CONTROL, measure
-from icl_lens.predict import label_tokens
-from icl_lens.prompts import encode
-from icl_lens.records import Records, record
-from icl_lens.task_sources import TaskLoadError, load_task
-from icl_lens.untrained import untrained_copy
+from icl_lens.data.prompts import encode
+from icl_lens.data.task_sources import TaskLoadError, load_task
+from icl_lens.model.untrained import untrained_copy
+from icl_lens.study.comparison import Comparison
+from icl_lens.study.measure import CONTROL, measure
+from icl_lens.study.predict import label_tokens
+from icl_lens.study.records import Records, record
 from tests.models import make_model
 
 TEMPLATE = "Sentence: {text} Label:"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from icl_lens.finetune import _finite
+from icl_lens.study.finetune import _finite
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -19,7 +19,7 @@ def test_divergence_check_sees_nan_and_inf_in_strided_weights(bad):
 
 def _tiny_setup():
     import icl_lens as il
-    from icl_lens.predict import label_tokens, predict_queries
+    from icl_lens.study.predict import label_tokens, predict_queries
     from tests.models import make_model
 
     model = make_model("gpt2", n_layers=1)[0]
@@ -37,8 +37,8 @@ def _tiny_setup():
 
 
 def test_the_kept_best_trial_equals_training_it_again():
-    from icl_lens.adapter import adapt
-    from icl_lens.finetune import BestTrial, finetune, run_trial, select_lr
+    from icl_lens.model.adapter import adapt
+    from icl_lens.study.finetune import BestTrial, finetune, run_trial, select_lr
 
     model, prompt, evaluate = _tiny_setup()
     kept = BestTrial()
@@ -62,10 +62,10 @@ def test_the_kept_best_trial_equals_training_it_again():
 
 def test_compare_trains_the_chosen_lr_once(monkeypatch, tmp_path):
     import icl_lens as il
-    from icl_lens.task_sources import load_task
+    from icl_lens.data.task_sources import load_task
     from tests.test_compare import TEMPLATE, write_task
 
-    compare_module = __import__("importlib").import_module("icl_lens.compare")
+    compare_module = __import__("importlib").import_module("icl_lens.study.compare")
     model, _, _ = _tiny_setup()
     spec = il.TaskSpec("two_class", TEMPLATE, (" bad", " good"), separator=" \n")
     task = load_task(write_task(tmp_path / "t.jsonl"), spec=spec)
@@ -84,7 +84,7 @@ def test_compare_trains_the_chosen_lr_once(monkeypatch, tmp_path):
 def test_bridge_attention_keeps_no_pattern_after_its_forward():
     """TL 4.3's bridge attention kept its last pattern on every layer (all layers' at
     once during a forward, and their autograd graph after a training step)."""
-    from icl_lens.loading import installed_line
+    from icl_lens.model.loading import installed_line
     from tests.models import make_model
 
     if installed_line() != "bridge":
@@ -113,7 +113,7 @@ def test_later_batches_of_other_widths_stay_exact():
         tok = make_tokenizer()
         prefix = il.build_prompt(tok, ["w1 w2 good", "w3 bad"], "w0", separator=" \n").prefix
         queries = [
-            torch.tensor(il.prompts.encode(tok, " ".join(f"w{j}" for j in range(10, 10 + n))))
+            torch.tensor(il.data.prompts.encode(tok, " ".join(f"w{j}" for j in range(10, 10 + n))))
             for n in (2, 7, 3, 9, 1, 4)
         ]
         full = il.PrefixRunner(adapter, prefix, reuse=False).run(queries, what={"attn_out"})

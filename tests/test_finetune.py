@@ -7,23 +7,23 @@ from __future__ import annotations
 import pytest
 import torch
 from icl_lens.hooks import Capture
+from icl_lens.hooks.kv_taps import kv_inputs
 
 import icl_lens as il
-from icl_lens.finetune import (
+from icl_lens.model.copying import copy_model
+from icl_lens.study.finetune import (
     PAPER_LR_GRID,
     LrTrial,
-    copy_model,
     finetune,
-    kv_inputs,
     lr_grid,
     search_lr,
     select_lr,
     training_sequences,
     training_token_scores,
 )
-from icl_lens.measure import kendall_inputs
-from icl_lens.predict import label_tokens, predict_queries
-from icl_lens.records import record
+from icl_lens.study.measure import kendall_inputs
+from icl_lens.study.predict import label_tokens, predict_queries
+from icl_lens.study.records import record
 from tests.models import make_model
 
 DEMOS = ["Sentence: w1 w2 Label: good", "Sentence: w50 Label: bad", "Sentence: w3 w4 Label: good"]

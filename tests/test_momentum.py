@@ -1,4 +1,4 @@
-"""Momentum attention (icl_lens.momentum) on every TransformerLens backend installed here.
+"""Momentum attention (icl_lens.hooks.momentum) on every TransformerLens backend installed here.
 
 Runs under TransformerLens 3 (HookedTransformer and TransformerBridge) and 4
 (TransformerBridge); ``_momentum_models`` picks what the installed version offers.
@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import doctest
 
+import icl_lens.hooks.momentum as momentum_module
 import pytest
 import torch
-
-import icl_lens.momentum as momentum_module
-from icl_lens.momentum import add_momentum, momentum_handle, momentum_term, remove_momentum
+from icl_lens.hooks.momentum import add_momentum, momentum_handle, momentum_term, remove_momentum
 
 try:  # `python -m pytest` from the repo root puts the root on sys.path ...
     from tests._momentum_models import BOS, MODEL_IDS, TL_MAJOR, build, n_kv_heads

@@ -1,4 +1,4 @@
-"""Smoke test of the momentum training comparison (icl_lens.momentum_study, issue 7 part 2).
+"""Smoke test of the momentum training comparison (icl_lens.momentum_study.study, issue 7 part 2).
 
 A few steps on a tiny config for vanilla and learned momentum, through ``run_study`` (the
 code path of ``icl-lens momentum``): finite losses, gradients reach the learned eta, the
@@ -14,10 +14,10 @@ import math
 
 import torch
 
-import icl_lens.cli_momentum as cli_momentum
-import icl_lens.momentum_study as study
+import icl_lens.cli.momentum as cli_momentum
+import icl_lens.momentum_study.study as study
 from icl_lens.cli import SUBCOMMANDS, main
-from icl_lens.momentum_study import StudyConfig, run_study
+from icl_lens.momentum_study.study import StudyConfig, run_study
 
 torch.set_num_threads(1)
 
@@ -88,7 +88,7 @@ def test_smoke_vanilla_and_learned(tmp_path):
 
 
 def test_cli_registered_and_parses(tmp_path):
-    assert SUBCOMMANDS["momentum"] == "icl_lens.cli_momentum"
+    assert SUBCOMMANDS["momentum"] == "icl_lens.cli.momentum"
     assert main(["momentum", "--out", str(tmp_path), "--variants", "bogus"]) == 2
 
 

@@ -19,7 +19,7 @@ def _prefix_and_queries():
     demos = ["Sentence: w1 w2 Label: good", "Sentence: w3 Label: bad", "Sentence: w4 Label: good"]
     prefix = il.build_prompt(tok, demos, "w0", separator=" \n").prefix
     texts = ["Sentence: w7 Label:", "Sentence: w10 w11 w12 w13 Label:", "Sentence: w9 w8 Label:"]
-    return prefix, [torch.tensor(il.prompts.encode(tok, t)) for t in texts]
+    return prefix, [torch.tensor(il.data.prompts.encode(tok, t)) for t in texts]
 
 
 def test_logit_positions_select_the_same_logits(model):
@@ -61,8 +61,8 @@ def test_the_prefix_runs_once_and_the_check_costs_one_query(model):
 
 def test_record_unembeds_only_the_prediction(model):
     """records.record and predict_queries ask for the prediction position's logits."""
-    from icl_lens.predict import label_tokens, predict_queries
-    from icl_lens.records import record
+    from icl_lens.study.predict import label_tokens, predict_queries
+    from icl_lens.study.records import record
 
     tok = make_tokenizer()
     spec = il.TaskSpec("demo", "Sentence: {text} Label:", (" bad", " good"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_lens.demonstrations import (
+from icl_lens.data.demonstrations import (
     ContextFit,
     demonstration_token_counter,
     fit_to_context,
@@ -20,7 +20,7 @@ from icl_lens.demonstrations import (
     sample_demonstrations,
     shuffled_indices,
 )
-from icl_lens.task_sources import (
+from icl_lens.data.task_sources import (
     PAPER_SOURCES,
     TaskLoadError,
     load_task,
@@ -28,7 +28,7 @@ from icl_lens.task_sources import (
     save_task,
     task_from_records,
 )
-from icl_lens.tasks import (
+from icl_lens.data.tasks import (
     DEFAULT_TEMPLATE,
     PAPER_TASKS,
     Example,

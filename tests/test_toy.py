@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from icl_lens.tasks import Task
+from icl_lens.data.tasks import Task
 from icl_lens.toy import TRAIN_SEED_BASE, load_toy_hf, toy_model_dir, toy_task
 from icl_lens.toy.task import ARBITRARY_WORDS, CANONICAL_PAIRS, NEGATIVE_WORDS, POSITIVE_WORDS
 from icl_lens.toy.tokenizer import build_tokenizer

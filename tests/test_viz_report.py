@@ -25,8 +25,9 @@ import torch
 
 import icl_lens as il
 from icl_lens import analyses as ila
-from icl_lens import viz
-from icl_lens.report import ViewData, collect_views, load_run, report_main, write_report
+from icl_lens.cli.report import report_main
+from icl_lens.views import viz
+from icl_lens.views.report import ViewData, collect_views, load_run, write_report
 from tests.models import make_model, make_tokenizer
 
 PAYLOAD_SCRIPT = "<script>window.__xss=1;document.title='pwned'</script>"
@@ -187,8 +188,8 @@ def test_attention_comparison(model, prompt):
 
 
 def test_collect_views_finetunes_and_names_the_labels(model, prompt):
-    pytest.importorskip("icl_lens.finetune")
-    pytest.importorskip("icl_lens.predict")
+    pytest.importorskip("icl_lens.study.finetune")
+    pytest.importorskip("icl_lens.study.predict")
     spec = il.TaskSpec("t", "Sentence: {text} Label:", (" bad", " good"), separator=" \n")
     data = collect_views(model, prompt, ft_lr=0.5, spec=spec, k=1)
     assert data.labels == ("bad", "good")
@@ -689,7 +690,7 @@ def test_the_browser_check_catches_an_unescaped_token(browser, dec, monkeypatch,
 
 
 def test_report_from_a_comparison(tmp_path, run_dir):
-    comparison = pytest.importorskip("icl_lens.comparison")
+    comparison = pytest.importorskip("icl_lens.study.comparison")
     cmp = comparison.Comparison(
         accuracy={"zsl": 0.5, "icl": 0.75, "ft": 0.625},
         frame=_metrics_frame(),

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from icl_lens.tasks import Example, Task, TaskSpec
+from icl_lens.data.tasks import Example, Task, TaskSpec
 
 
 def encode(tokenizer, text: str) -> list[int]:

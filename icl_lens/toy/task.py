@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 
-from icl_lens.tasks import Example, Task, TaskSpec
+from icl_lens.data.tasks import Example, Task, TaskSpec
 
 TRAIN_SEED_BASE = 10**6
 """Instance seeds at or above this value are used to train the toy model."""

@@ -1,0 +1,69 @@
+"""The ``icl-lens`` command: one subcommand per module, registered here.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``, which adds
+its parser and sets ``func`` (``args -> exit code``). Add a subcommand by writing that
+module and naming it in :data:`SUBCOMMANDS`; modules are imported lazily, so
+``icl-lens --help`` stays fast and a broken optional subcommand cannot break the others.
+
+>>> main(["--version"])  # doctest: +SKIP
+icl-lens 0.1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from icl_lens.errors import UserError
+
+SUBCOMMANDS: dict[str, str] = {
+    "demo": "icl_lens.cli.demo",
+    "run": "icl_lens.cli.run",
+    "bench": "icl_lens.cli.bench",
+    "report": "icl_lens.cli.report",
+    "momentum": "icl_lens.cli.momentum",
+}
+"""Subcommand name -> module with ``register(subparsers)``."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from icl_lens import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="icl-lens",
+        description="Does in-context learning behave like finetuning, head by head?",
+    )
+    parser.add_argument("--version", action="version", version=f"icl-lens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in SUBCOMMANDS.items():
+        try:
+            importlib.import_module(module).register(sub)
+        except ImportError as err:  # pragma: no cover - an optional subcommand missing
+            print(f"icl-lens: subcommand {name!r} unavailable: {err}", file=sys.stderr)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``icl-lens``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"icl-lens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"icl-lens {args.command}: interrupted; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""``icl-lens run``: ZSL vs ICL vs FT on one model, task and seed, resumable.
+
+    icl-lens run --model gpt2 --task sst2 --shots 32 --seed 1 --out runs/gpt2-sst2
+
+Writes ``OUT/results.json`` (accuracy, metrics with baselines, predictions, lr search),
+``OUT/metrics.csv`` (the tidy metric frame) and prints the summary table. Finished
+stages are checkpointed under ``OUT/checkpoints``; rerunning the same command after an
+interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from icl_lens.errors import UserError
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+DESCRIPTION = """\
+Compare zero-shot (ZSL), in-context (ICL) and finetuned (FT: K/V-only SGD on the same
+demonstrations) predictions and internals of one model on one task, with the four
+metrics of Dai et al. 2023 and their controls.
+
+  icl-lens run --model gpt2 --task sst2 --shots 32 --seed 1 --out runs/gpt2-sst2
+
+Writes OUT/results.json and OUT/metrics.csv and prints the summary table. Finished
+stages are checkpointed in OUT/checkpoints: after an interruption, run the same command
+again and it continues where it stopped."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="compare ICL with finetuning on one model and task",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="hub name or local Hugging Face directory")
+    p.add_argument(
+        "--task",
+        required=True,
+        help="paper task (sst2, sst5, mr, subj, agnews, cb) or a local file/directory",
+    )
+    p.add_argument(
+        "--template",
+        help="template for a local file, e.g. 'Review: {text} Sentiment:' (default: the "
+        "paper task's when the file is named like one, else 'Input: {text} Label:')",
+    )
+    p.add_argument(
+        "--label-words",
+        nargs="+",
+        metavar="WORD",
+        help="label word per class, in class order (a leading space is added: Negative -> "
+        "' Negative'); default: the paper task's, or the labels found in the file",
+    )
+    p.add_argument("--shots", type=int, default=32, help="demonstrations k (default 32)")
+    p.add_argument("--seed", type=int, default=1, help="demonstration seed (default 1)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument(
+        "--lr-grid", default="paper", help="'paper' (36 values), 'short' (4) or e.g. 1e-3,1e-2"
+    )
+    p.add_argument(
+        "--max-queries", type=int, default=2000, help="validation queries (default 2000)"
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("prediction", "dai2023"),
+        default="prediction",
+        help="where to record (default: the prediction position)",
+    )
+    p.add_argument(
+        "--order-seed", type=int, default=None, help="re-order the demonstrations with this seed"
+    )
+    p.add_argument("--balanced", action="store_true", help="class-balanced demonstrations")
+    p.add_argument(
+        "--kendall-queries", type=int, default=100, help="queries used by Kendall (default 100)"
+    )
+    p.add_argument("--no-control", action="store_true", help="skip the untrained-weights control")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    p.set_defaults(func=run)
+
+
+def format_table(cmp) -> str:
+    """Accuracies, then one row per metric and variant with its baselines ('' where a
+    baseline does not apply, NaN where a value is undefined)."""
+    acc = "  ".join(f"{k} {v:.3f}" for k, v in cmp.accuracy.items())
+    table = cmp.table()
+    shown = table.round(4).astype(object)
+    overall = cmp.metrics().query("layer == -1 and head == -1")
+    applies = overall.assign(x=True).pivot_table(
+        index=["metric", "variant"], columns="baseline", values="x", aggfunc="any"
+    )
+    for col in table.columns[3:]:
+        ok = applies[col].reindex(table.index).fillna(False).astype(bool)
+        shown.loc[~ok.to_numpy(), col] = ""
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        text = shown.to_string()
+    lines = [f"accuracy  {acc}   (lr {cmp.lr:g}, k={cmp.info['k_effective']})", text]
+    counts = cmp.info.get("rec2ftp_counts") or {}
+    if counts.get("n_ft_recovered") == 0:
+        lines.append(
+            f"rec2ftp is undefined: FT fixes none of the {counts.get('n_zsl_wrong')} queries "
+            "that ZSL gets wrong"
+        )
+    return "\n".join(lines)
+
+
+def _silence_progress() -> None:
+    """--quiet: no transformers / datasets progress bars either."""
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+
+
+def run(args) -> int:
+    from icl_lens.data.task_sources import TaskLoadError, load_task
+    from icl_lens.model.loading import load_model
+    from icl_lens.study.compare import compare
+    from icl_lens.views.report import save_views
+
+    if args.quiet:
+        _silence_progress()
+    try:
+        words = None
+        if args.label_words:
+            words = [w if w[:1].isspace() else " " + w for w in args.label_words]
+        task = load_task(
+            args.task,
+            template=args.template,
+            label_words=words,
+            validation_limit=args.max_queries,
+        )
+    except (TaskLoadError, *USER_ERRORS) as err:
+        raise UserError(str(err)) from err
+    try:
+        model = load_model(args.model, device=args.device)
+    except (OSError, *USER_ERRORS) as err:
+        raise UserError(f"could not load model {args.model!r}: {err}") from err
+    args.out.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        if args.quiet:
+            warnings.simplefilter("ignore")
+        try:
+            cmp = compare(
+                model,
+                task,
+                shots=args.shots,
+                seed=args.seed,
+                order_seed=args.order_seed,
+                balanced=args.balanced,
+                lr_grid=args.lr_grid,
+                protocol=args.protocol,
+                kendall_queries=args.kendall_queries,
+                control=not args.no_control,
+                batch_size=args.batch_size,
+                checkpoint_dir=args.out / "checkpoints",
+                progress=not args.quiet,
+            )
+        except (ValueError, FileNotFoundError) as err:
+            raise UserError(str(err)) from err
+    cmp.config.update({"model_name": args.model, "task_source": str(args.task)})
+    cmp.to_json(args.out / "results.json")
+    cmp.to_csv(args.out / "metrics.csv")
+    save_views(args.out, model, cmp.prompt, ft_lr=cmp.lr, spec=cmp.spec)
+    if not args.quiet and cmp.stages.get("loaded"):
+        print(
+            f"resumed: loaded {len(cmp.stages['loaded'])} finished stages from "
+            f"{args.out / 'checkpoints'}",
+            file=sys.stderr,
+        )
+    print(format_table(cmp))
+    if not args.quiet:
+        print(
+            f"wrote {args.out / 'results.json'}, {args.out / 'metrics.csv'} and "
+            f"{args.out / 'views.json'}; `icl-lens report {args.out}` makes the HTML page",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,135 @@
+"""Token sequences that remember which positions are demonstrations and which the query.
+
+A prompt is ``BOS + demo_1 + sep + ... + demo_k + sep + query``; each piece is tokenized
+on its own so the spans are exact. BOS belongs to the query side: it is what the model
+sees zero-shot, so ``W_ZSL`` covers BOS and the query tokens.
+
+>>> import icl_lens as il
+>>> model = il.toy_model()                                              # doctest: +SKIP
+>>> prompt = il.icl_prompt(model, task="toy", shots=4, query="w1 w2")  # doctest: +SKIP
+>>> prompt.demo_spans, prompt.query_start                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from icl_lens.data.tasks import Example, TaskSpec
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids of one prompt with its demonstration and query spans."""
+
+    tokens: Int[Tensor, " pos"]
+    demo_spans: tuple[tuple[int, int], ...]
+    query_start: int
+    str_tokens: tuple[str, ...] = ()
+    label: int | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def prediction_position(self) -> int:
+        return self.n_tokens - 1
+
+    @property
+    def demo_mask(self) -> Bool[Tensor, " pos"]:
+        """True at demonstration tokens (X'), False at BOS and query tokens (X)."""
+        mask = torch.zeros(self.n_tokens, dtype=torch.bool)
+        for start, end in self.demo_spans:
+            mask[start:end] = True
+        return mask
+
+    @property
+    def prefix(self) -> Int[Tensor, " prefix"]:
+        """BOS and the demonstrations: the part every query of a run shares."""
+        return self.tokens[: self.query_start]
+
+    @property
+    def query_tokens(self) -> Int[Tensor, " query"]:
+        return self.tokens[self.query_start :]
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` alone, no special tokens."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def bos_id(tokenizer) -> int:
+    token = tokenizer.bos_token_id
+    if token is None:
+        token = tokenizer.eos_token_id
+    if token is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start prompts with")
+    return int(token)
+
+
+def build_prompt(
+    tokenizer,
+    demonstrations: Sequence[str],
+    query: str,
+    *,
+    separator: str = "\n",
+    label: int | None = None,
+    n_ctx: int | None = None,
+) -> Prompt:
+    """Assemble ``BOS + (demo + separator)* + query`` from already formatted texts.
+
+    >>> from tests.models import make_tokenizer
+    >>> p = build_prompt(make_tokenizer(), ["w1 good", "w2 bad"], "w3", separator=" \\n")
+    >>> p.demo_spans, p.query_start, p.n_tokens
+    (((1, 4), (4, 7)), 7, 8)
+    """
+    ids = [bos_id(tokenizer)]
+    spans = []
+    for demo in demonstrations:
+        start = len(ids)
+        ids += encode(tokenizer, demo + separator)
+        spans.append((start, len(ids)))
+    query_start = len(ids)
+    query_ids = encode(tokenizer, query)
+    if not query_ids:
+        raise ValueError(f"the query {query!r} tokenizes to nothing")
+    ids += query_ids
+    if n_ctx is not None and len(ids) > n_ctx:
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens ({query_start} of BOS and demonstrations, "
+            f"{len(query_ids)} of query) but the model's context is {n_ctx}: "
+            "use fewer or shorter demonstrations"
+        )
+    return Prompt(
+        tokens=torch.tensor(ids, dtype=torch.long),
+        demo_spans=tuple(spans),
+        query_start=query_start,
+        str_tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
+        label=label,
+    )
+
+
+def task_prompt(
+    tokenizer,
+    spec: TaskSpec,
+    demonstrations: Sequence[Example],
+    query: Example | str,
+    *,
+    n_ctx: int | None = None,
+) -> Prompt:
+    """A prompt for ``query`` with ``demonstrations`` formatted by ``spec``."""
+    if isinstance(query, str):
+        query = Example({"text": query}, label=-1)
+    return build_prompt(
+        tokenizer,
+        [spec.format_demonstration(d) for d in demonstrations],
+        spec.format_query(query),
+        separator=spec.separator,
+        label=None if query.label < 0 else query.label,
+        n_ctx=n_ctx,
+    )

@@ -1,0 +1,145 @@
+"""Load a model as a TransformerLens hooked model, on whichever line is installed.
+
+Three sources: a hub name (needs network), a local Hugging Face directory, or an
+in-memory transformers model with its tokenizer. Weights are loaded without
+TransformerLens's weight processing, so hook values equal the transformers model's:
+in particular value biases stay in ``v`` (not folded into ``b_O``), which the duality
+decomposition reads.
+
+>>> import icl_lens as il
+>>> model = il.load_model(il.toy_model_dir())          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from icl_lens.model.adapter import adapt
+
+LineChoice = Literal["auto", "bridge", "hooked"]
+
+
+def installed_line() -> Literal["bridge", "hooked"]:
+    """``"bridge"`` with TransformerLens 4.x, ``"hooked"`` with 3.x."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
+    except ImportError:
+        return "hooked"
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return "bridge"
+    return "hooked"
+
+
+def _prepare_tokenizer(tokenizer, name: str):
+    """TransformerLens re-downloads a tokenizer unless it knows its name and that it
+    adds BOS; icl-lens builds its own token sequences, so declaring both is safe."""
+    tokenizer.init_kwargs.setdefault("name_or_path", name)
+    tokenizer.init_kwargs["add_bos_token"] = True
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _hooked_from_hf(hf_model, tokenizer, device, dtype):
+    """TransformerLens 3.x: convert an in-memory transformers model offline."""
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    config = hf_model.config.to_dict()
+    config["architectures"] = config.get("architectures") or [type(hf_model).__name__]
+    if "n_positions" in config:  # TL 3 reads GPT-2's old n_ctx name
+        config.setdefault("n_ctx", config["n_positions"])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        cfg_dict = loading.convert_hf_model_config(tmp)
+        fields = HookedTransformerConfig.__dataclass_fields__
+        cfg = HookedTransformerConfig(
+            **{k: v for k, v in cfg_dict.items() if k in fields}, device=device, dtype=dtype
+        )
+        state_dict = loading.get_pretrained_state_dict(tmp, cfg, hf_model=hf_model)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    return model.to(device)
+
+
+def load_model(
+    source,
+    tokenizer=None,
+    *,
+    line: LineChoice = "auto",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """A TransformerLens hooked model from a hub name, a local directory or a
+    transformers model, in eval mode.
+
+    ``line="auto"`` uses TransformerBridge on TransformerLens 4.x and HookedTransformer
+    on 3.x.
+
+    >>> model = load_model("gpt2")                           # doctest: +SKIP
+    >>> model = load_model("path/to/checkpoint_dir")         # doctest: +SKIP
+    >>> model = load_model(hf_model, tokenizer=hf_tokenizer) # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    line = installed_line() if line == "auto" else line
+    if isinstance(source, str | Path) and not Path(source).is_dir():
+        name = str(source)
+        if line == "bridge":
+            from transformer_lens.model_bridge import TransformerBridge
+
+            model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+        else:
+            from transformer_lens import HookedTransformer
+
+            model = HookedTransformer.from_pretrained_no_processing(
+                name, device=device, dtype=dtype
+            )
+        model.eval()
+        adapt(model)
+        return model
+
+    if isinstance(source, str | Path):
+        directory = Path(source)
+        if not (directory / "config.json").exists():
+            raise FileNotFoundError(
+                f"{directory} has no config.json: pass a Hugging Face model directory "
+                "(save_pretrained output) or a hub name"
+            )
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(directory, add_bos_token=True)
+        name = str(directory)
+    else:
+        hf_model = source
+        if tokenizer is None:
+            raise ValueError("an in-memory model needs its tokenizer: load_model(m, tokenizer=tok)")
+        name = getattr(hf_model, "name_or_path", "") or type(hf_model).__name__
+    tokenizer = _prepare_tokenizer(tokenizer, name)
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    if line == "bridge":
+        from transformer_lens.model_bridge import TransformerBridge
+
+        # a name that is not a hub alias: the bridge maps aliases like "neox" to hub ids
+        model = TransformerBridge.boot_transformers(
+            f"local/{Path(name).name or 'model'}", hf_model=hf_model, tokenizer=tokenizer
+        )
+    else:
+        model = _hooked_from_hf(hf_model, tokenizer, device, dtype)
+    model.eval()
+    adapt(model)
+    return model

@@ -1,0 +1,203 @@
+"""The result of :func:`icl_lens.study.compare`: accuracies, predictions, metrics, JSON.
+
+``Comparison.metrics()`` is the tidy frame of :mod:`icl_lens.analyses` (one row per
+metric, variant, baseline, layer, head) with the untrained-weights control as extra
+``baseline == "untrained_weights"`` rows. ``summary()`` is the compact view written to
+``results.json`` under ``"metrics"``: per metric its value (the paper's variant), CI,
+baselines, and every variant.
+
+>>> import pandas as pd
+>>> from icl_lens import analyses
+>>> frame = analyses.rec2ftp(zsl=[0, 0, 1], icl=[1, 0, 1], ft=[1, 1, 1]).to_frame()
+>>> c = Comparison(accuracy={"zsl": 1 / 3, "icl": 2 / 3, "ft": 1.0}, frame=frame)
+>>> c.summary()["rec2ftp"]["value"], c.summary()["rec2ftp"]["baselines"]
+(0.5, {'independent': 0.5})
+>>> Comparison.from_dict(c.to_dict()).metrics().equals(c.metrics())
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from icl_lens.analyses import ALL, FRAME_COLUMNS, OBSERVED
+from icl_lens.study.checkpoint import atomic_write_text
+
+__all__ = ["PAPER_VARIANT", "Comparison"]
+
+PAPER_VARIANT = {"rec2ftp": "paper", "simaou": "normalised", "simam": "after", "kendall": "tau_b"}
+"""The variant each metric reports as its ``value`` (the paper's definition)."""
+
+_INT_COLUMNS = ("layer", "head", "n_queries", "n_skipped")
+_FLOAT_COLUMNS = ("value", "ci_low", "ci_high")
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _num(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+@dataclass
+class Comparison:
+    """ICL vs finetuning on one model, task and demonstration set.
+
+    - ``accuracy``: ``{"zsl", "icl", "ft"}`` validation accuracy.
+    - ``predictions``: ``{"gold", "zsl", "icl", "ft"}`` per-query class indices.
+    - ``frame``: the tidy metric frame (see :meth:`metrics`).
+    - ``lr``: the selected FT learning rate; ``lr_search``: every trial (lr, accuracy,
+      gold_log_prob, diverged, losses).
+    - ``control``: accuracies of the untrained-weights control (None if not run).
+    - ``config`` / ``info``: what was asked for, and what happened (effective k, ...).
+    - ``results``: the analyses result objects (not serialised; None after from_json).
+    - ``stages``: which pipeline stages this call ``loaded`` from checkpoints and which
+      it ``computed`` (not serialised).
+    """
+
+    accuracy: dict[str, float]
+    frame: pd.DataFrame
+    predictions: dict[str, list[int]] = field(default_factory=dict)
+    lr: float | None = None
+    lr_search: list[dict] = field(default_factory=list)
+    control: dict[str, Any] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    stages: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
+    prompt: Any = field(default=None, repr=False, compare=False)
+    """The ICL prompt of the first validation query (not serialised)."""
+    spec: Any = field(default=None, repr=False, compare=False)
+    """The task's TaskSpec (not serialised)."""
+
+    def report(self, path: str | os.PathLike, *, model=None) -> Path:
+        """Write one self-contained offline HTML page; with the ``model`` the comparison
+        ran on, it includes the circuitsvis panels of the top heads for the first query.
+
+        >>> cmp.report("sst2.html", model=model)   # doctest: +SKIP
+        """
+        from icl_lens.views.report import collect_views, write_report
+
+        views = None
+        if model is not None and self.prompt is not None:
+            views = collect_views(model, self.prompt, ft_lr=self.lr, spec=self.spec)
+        return write_report(self, path, views=views)
+
+    def metrics(self) -> pd.DataFrame:
+        """Tidy rows ``metric, variant, baseline, layer, head, value, ci_low, ci_high,
+        n_queries, n_skipped`` (``baseline == "none"``: the metric itself; ``-1`` in
+        layer/head: all layers/heads or no such axis)."""
+        return self.frame.copy()
+
+    def table(self) -> pd.DataFrame:
+        """One row per (metric, variant), in the frame's order: value, CI and one column
+        per baseline (NaN where a baseline does not apply or the value is undefined)."""
+        f = self.frame[(self.frame["layer"] == ALL) & (self.frame["head"] == ALL)]
+        key = ["metric", "variant"]
+        obs = f[f["baseline"] == OBSERVED].set_index(key)[["value", "ci_low", "ci_high"]]
+        others = f[f["baseline"] != OBSERVED]
+        for name in others["baseline"].drop_duplicates():
+            obs[name] = others[others["baseline"] == name].set_index(key)["value"]
+        return obs
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per metric: ``value`` (paper variant), ``ci``, ``baselines`` and ``variants``."""
+        f = self.frame[(self.frame["layer"] == ALL) & (self.frame["head"] == ALL)]
+        out: dict[str, dict[str, Any]] = {}
+        for metric, rows in f.groupby("metric", sort=False):
+            variants = {}
+            for variant, vrows in rows.groupby("variant", sort=False):
+                by = vrows.set_index("baseline")
+                obs = by.loc[OBSERVED]
+                variants[variant] = {
+                    "value": float(obs["value"]),
+                    "ci": [float(obs["ci_low"]), float(obs["ci_high"])],
+                    "n_queries": int(obs["n_queries"]),
+                    "n_skipped": int(obs["n_skipped"]),
+                    "baselines": {b: float(r["value"]) for b, r in by.iterrows() if b != OBSERVED},
+                }
+            main = variants.get(PAPER_VARIANT.get(metric, ""), next(iter(variants.values())))
+            out[metric] = {
+                "value": main["value"],
+                "ci": main["ci"],
+                "variant": PAPER_VARIANT.get(metric),
+                "baselines": main["baselines"],
+                "variants": variants,
+            }
+        extra = self.info.get("rec2ftp_counts")
+        if extra and "rec2ftp" in out:
+            out["rec2ftp"]["counts"] = extra
+        return out
+
+    # ---- serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: ``accuracy``, ``metrics`` (the summary), ``table`` (all frame rows),
+        predictions, lr search, control, config, info. NaN is written as null."""
+        rows = self.frame[list(FRAME_COLUMNS)].to_dict(orient="records")
+        return _clean(
+            {
+                "accuracy": self.accuracy,
+                "metrics": self.summary(),
+                "lr": {"selected": self.lr, "grid": self.lr_search},
+                "control": self.control,
+                "predictions": self.predictions,
+                "config": self.config,
+                "info": self.info,
+                "table": rows,
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Comparison:
+        frame = pd.DataFrame(data.get("table", []), columns=list(FRAME_COLUMNS))
+        for col in _FLOAT_COLUMNS:
+            frame[col] = frame[col].map(_num).astype(np.float64)
+        for col in _INT_COLUMNS:
+            frame[col] = frame[col].astype(np.int64)
+        lr = data.get("lr") or {}
+        return cls(
+            accuracy={k: _num(v) for k, v in data["accuracy"].items()},
+            frame=frame,
+            predictions=data.get("predictions", {}),
+            lr=lr.get("selected"),
+            lr_search=lr.get("grid", []),
+            control=data.get("control"),
+            config=data.get("config", {}),
+            info=data.get("info", {}),
+        )
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` to ``path`` atomically (temporary file + rename)."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
+        return atomic_write_text(path, text + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> Comparison:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """The tidy metric frame as CSV, written atomically."""
+        return atomic_write_text(path, self.frame.to_csv(index=False))
+
+    def __repr__(self) -> str:
+        acc = ", ".join(f"{k}={v:.3f}" for k, v in self.accuracy.items())
+        values = ", ".join(f"{m}={s['value']:.3f}" for m, s in self.summary().items())
+        return f"Comparison({acc}; {values})"

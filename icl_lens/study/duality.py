@@ -1,0 +1,317 @@
+"""The per-head duality decomposition of Dai et al. (2023), method.md section 2.
+
+At a query position with query vector q, each head's relaxed linear attention output
+splits exactly into a zero-shot part and an in-context "meta-gradient" part:
+
+    sum_j v_j (k_j . q) = W_ZSL q + dW_ICL q,
+    W_ZSL = sum_{j in BOS and query tokens} v_j k_j^T,   dW_ICL = sum_{i in demos} v_i k_i^T.
+
+Everything is read from the q, k, v the model computed (post-rotary, grouped-query
+aware). The softmax output splits exactly too, z = alpha z_demo + (1 - alpha) z_query;
+the relaxation itself is an approximation and its gap to the real head output is
+reported per head, not hidden.
+
+Weight processing: ``v`` is whatever ``hook_v`` holds. icl-lens's loader keeps value
+biases in ``v``; if you loaded with TransformerLens's ``fold_value_biases`` (the
+``from_pretrained`` default on TransformerLens 3), b_V sits in b_O instead and the
+relaxed terms change (the softmax terms do not, since attention weights sum to one).
+
+>>> import icl_lens as il
+>>> model = il.toy_model()                                              # doctest: +SKIP
+>>> prompt = il.icl_prompt(model, shots=8, seed=0)                      # doctest: +SKIP
+>>> dec = il.decompose(model, prompt)                                   # doctest: +SKIP
+>>> dec.to_frame().sort_values("icl_norm_ratio", ascending=False).head()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import einops
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from icl_lens.data.prompts import Prompt
+from icl_lens.hooks.capture import Capture
+from icl_lens.model.adapter import adapt
+
+WHAT = ("q", "k", "v", "z", "pattern", "attn_out")
+
+
+def _cos(a: Tensor, b: Tensor) -> Tensor:
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
+
+
+@dataclass
+class Decomposition:
+    """Per layer, head and recorded position: the ZSL and ICL terms of each head.
+
+    Shapes use ``layer`` (all layers), ``head`` (query heads), ``n_pos`` (recorded
+    positions, default the prediction position), ``pos`` (prompt tokens) and
+    ``d_head``. Key/value tensors are already expanded to query heads.
+    """
+
+    prompt: Prompt
+    layers: Int[Tensor, " layer"]
+    positions: Int[Tensor, " n_pos"]
+    zsl: Float[Tensor, "layer head n_pos d_head"]
+    """W_ZSL q: BOS and query-side tokens up to the position."""
+    icl: Float[Tensor, "layer head n_pos d_head"]
+    """dW_ICL q: the demonstration tokens' meta-gradient term."""
+    key_dot_query: Float[Tensor, "layer head n_pos pos"]
+    """k_j . q for every key token j (0 after the position: causal)."""
+    values: Float[Tensor, "layer head pos d_head"]
+    pattern: Float[Tensor, "layer head n_pos pos"]
+    z: Float[Tensor, "layer head n_pos d_head"]
+    """The true (softmax) head output, hook_z."""
+    W_O: Float[Tensor, "layer head d_head d_model"]
+    b_O: Float[Tensor, "layer d_model"]
+    attn_out: Float[Tensor, "layer n_pos d_model"]
+    """hook_attn_out: sum over heads of z W_O, plus b_O."""
+    W_ZSL: Float[Tensor, "layer head n_pos d_head d_head"] | None = None
+    dW_ICL: Float[Tensor, "layer head d_head d_head"] | None = None
+    label_direction: Float[Tensor, "layer n_pos d_model"] | None = None
+    """Residual direction whose dot product is a head's direct effect on the label
+    logit difference (final norm scale applied), when label tokens were given."""
+
+    # ---- masks and exact splits ----------------------------------------------------
+    @property
+    def demo_mask(self) -> Bool[Tensor, " pos"]:
+        return self.prompt.demo_mask
+
+    @property
+    def query_side_mask(self) -> Bool[Tensor, "n_pos pos"]:
+        """BOS and query tokens up to (and including) each recorded position."""
+        upto = torch.arange(self.prompt.n_tokens)[None, :] <= self.positions[:, None]
+        return upto & ~self.demo_mask[None, :]
+
+    @property
+    def demo_mass(self) -> Float[Tensor, "layer head n_pos"]:
+        """alpha: softmax attention mass on demonstration tokens."""
+        return self.pattern[..., self.demo_mask].sum(-1)
+
+    @property
+    def z_demo(self) -> Float[Tensor, "layer head n_pos d_head"]:
+        """Softmax output restricted to demonstrations, renormalised (alpha z_demo is
+        the demonstrations' share of z)."""
+        p = self.pattern * self.demo_mask
+        return torch.einsum("lhnp,lhpd->lhnd", p, self.values) / self.demo_mass[..., None].clamp(
+            min=1e-30
+        )
+
+    @property
+    def z_query(self) -> Float[Tensor, "layer head n_pos d_head"]:
+        p = self.pattern * self.query_side_mask
+        mass = p.sum(-1, keepdim=True).clamp(min=1e-30)
+        return torch.einsum("lhnp,lhpd->lhnd", p, self.values) / mass
+
+    @property
+    def z_split(self) -> Float[Tensor, "layer head n_pos d_head"]:
+        """alpha z_demo + (1 - alpha) z_query; equals ``z`` exactly."""
+        a = self.demo_mass[..., None]
+        return a * self.z_demo + (1 - a) * self.z_query
+
+    @property
+    def relaxed(self) -> Float[Tensor, "layer head n_pos d_head"]:
+        """The relaxed linear attention output W_ZSL q + dW_ICL q."""
+        return self.zsl + self.icl
+
+    # ---- per-token meta-gradients ----------------------------------------------------
+    def contributions(self, layer: int, head: int, n: int = 0) -> Float[Tensor, "demo d_head"]:
+        """v_i (k_i . q) for each demonstration token i (rows in prompt order)."""
+        s = self.key_dot_query[layer, head, n, self.demo_mask]
+        return self.values[layer, head, self.demo_mask] * s[:, None]
+
+    def token_effects(self, layer: int, head: int, n: int = 0) -> Float[Tensor, " pos"]:
+        """Each token's term mapped through W_O and onto the label direction (or, with
+        no label tokens given, its norm in the residual stream). Demonstration and
+        query tokens alike; zero after the position."""
+        resid = torch.einsum(
+            "pd,dm->pm",
+            self.values[layer, head] * self.key_dot_query[layer, head, n][:, None],
+            self.W_O[layer, head],
+        )
+        if self.label_direction is None:
+            return resid.norm(dim=-1)
+        return resid @ self.label_direction[layer, n]
+
+    # ---- through W_O -----------------------------------------------------------------
+    def to_resid(
+        self, per_head: Float[Tensor, "layer head n_pos d_head"]
+    ) -> Float[Tensor, "layer head n_pos d_model"]:
+        """Map per-head vectors into the residual stream through each head's W_O."""
+        return torch.einsum("lhnd,lhdm->lhnm", per_head, self.W_O)
+
+    @property
+    def head_outputs(self) -> Float[Tensor, "layer head n_pos d_model"]:
+        return self.to_resid(self.z)
+
+    # ---- gap between the relaxation and softmax attention ------------------------------
+    @property
+    def relaxation_cosine(self) -> Float[Tensor, "layer head n_pos"]:
+        return _cos(self.relaxed, self.z)
+
+    @property
+    def relaxation_relative_error(self) -> Float[Tensor, "layer head n_pos"]:
+        """|relaxed - z| / |z|: the unnormalised relaxation's full departure."""
+        return (self.relaxed - self.z).norm(dim=-1) / self.z.norm(dim=-1).clamp(min=1e-30)
+
+    @property
+    def demo_direction_cosine(self) -> Float[Tensor, "layer head n_pos"]:
+        """cos(dW_ICL q, z_demo): does the linear meta-gradient point where the softmax
+        demonstration part does?"""
+        return _cos(self.icl, self.z_demo)
+
+    # ---- tidy view ------------------------------------------------------------------
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (layer, head, position)."""
+        n_layers, n_heads, n_pos = self.zsl.shape[:3]
+        zsl_norm, icl_norm = self.zsl.norm(dim=-1), self.icl.norm(dim=-1)
+        cols = {
+            "zsl_norm": zsl_norm,
+            "icl_norm": icl_norm,
+            "icl_norm_ratio": icl_norm / zsl_norm.clamp(min=1e-30),
+            "demo_mass": self.demo_mass,
+            "relax_cos": self.relaxation_cosine,
+            "relax_rel_err": self.relaxation_relative_error,
+            "demo_cos": self.demo_direction_cosine,
+        }
+        if self.label_direction is not None:
+            d = self.label_direction[:, None]  # layer 1 n_pos d_model
+            cols["zsl_effect"] = (self.to_resid(self.zsl) * d).sum(-1)
+            cols["icl_effect"] = (self.to_resid(self.icl) * d).sum(-1)
+            cols["head_effect"] = (self.head_outputs * d).sum(-1)
+        index = torch.cartesian_prod(
+            torch.arange(n_layers), torch.arange(n_heads), torch.arange(n_pos)
+        )
+        frame = pd.DataFrame(
+            {
+                "layer": self.layers[index[:, 0]].numpy(),
+                "head": index[:, 1].numpy(),
+                "position": self.positions[index[:, 2]].numpy(),
+            }
+        )
+        for name, value in cols.items():
+            frame[name] = value.reshape(-1).double().numpy()
+        return frame
+
+    def view_meta_gradients(self, layer: int, head: int, n: int = 0):
+        """circuitsvis view of the demonstration tokens coloured by their term."""
+        from icl_lens.views.viz import meta_gradient_view
+
+        return meta_gradient_view(self, layer, head, n)
+
+
+def _label_direction(adapter, label_tokens, scale: Tensor) -> Tensor:
+    """gamma * (W_U[:, b] - W_U[:, a]) / final-norm scale, per layer and position.
+
+    For LayerNorm models the residual is centred first; that is folded in by centring
+    the direction (a centred dot product equals a dot with the centred direction)."""
+    model = adapter.model
+    W_U = model.W_U.detach()
+    a, b = label_tokens
+    direction = W_U[:, b] - W_U[:, a]
+    weight = None
+    for name, p in model.ln_final.named_parameters():
+        if name.split(".")[-1] in ("w", "weight"):
+            weight = p.detach()
+    if weight is not None:
+        direction = direction * weight
+    if getattr(model.cfg, "normalization_type", "LN") in ("LN", "LNPre"):
+        direction = direction - direction.mean()
+    return direction[None, :] / scale[:, None]  # n_pos d_model
+
+
+def decompose(
+    model,
+    prompt: Prompt,
+    *,
+    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    matrices: bool = False,
+    label_tokens: tuple[int, int] | None = None,
+) -> Decomposition:
+    """Split every head's output at ``positions`` (default: the prediction position)
+    into its W_ZSL q and dW_ICL q terms.
+
+    ``label_tokens=(a, b)`` adds each term's direct effect on the logit difference
+    ``logit[b] - logit[a]``. ``matrices=True`` also returns the d_head x d_head
+    matrices W_ZSL (per position) and dW_ICL.
+    """
+    adapter = adapt(model)
+    if prompt.n_tokens > adapter.n_ctx:
+        raise ValueError(
+            f"the prompt has {prompt.n_tokens} tokens ({prompt.query_start} of BOS and "
+            f"demonstrations, {prompt.n_tokens - prompt.query_start} of query) but the "
+            f"model's context is {adapter.n_ctx}: use fewer or shorter demonstrations"
+        )
+    positions = [prompt.prediction_position] if positions is None else list(positions)
+    bad = [p for p in positions if not prompt.query_start <= p < prompt.n_tokens]
+    if bad:
+        raise IndexError(
+            f"positions {bad} are not query positions: choose from "
+            f"{prompt.query_start}..{prompt.n_tokens - 1} (the query's tokens)"
+        )
+    layers = list(range(adapter.n_layers)) if layers is None else list(layers)
+    capture = Capture(adapter, what=WHAT, layers=layers)
+    pos = torch.tensor(positions, dtype=torch.long)
+    hooks_extra = []
+    scales = {}
+    if label_tokens is not None:
+
+        def keep_scale(x, hook=None):
+            scales["s"] = x.detach()[0, pos.to(x.device), 0]
+
+        hooks_extra = [("ln_final.hook_scale", keep_scale)]
+    with adapter.inference():
+        tokens = prompt.tokens[None].to(adapter.device)
+        with adapter.model.hooks(fwd_hooks=hooks_extra):
+            capture.run(tokens, positions=pos[None].to(adapter.device))
+    g = adapter.group_size
+    v_ = capture.values
+    q = torch.stack([v_["q", layer][0] for layer in layers]).transpose(1, 2)  # l h n d
+    k = torch.stack([v_["k", layer][0] for layer in layers]).transpose(1, 2)  # l kv p d
+    v = torch.stack([v_["v", layer][0] for layer in layers]).transpose(1, 2)
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    z = torch.stack([v_["z", layer][0] for layer in layers]).transpose(1, 2)
+    pattern = torch.stack([v_["pattern", layer][0] for layer in layers]).transpose(1, 2)
+    attn_out = torch.stack([v_["attn_out", layer][0] for layer in layers])
+    q, k, v, z, pattern = (x.float().cpu() for x in (q, k, v, z, pattern))
+
+    causal = torch.arange(prompt.n_tokens)[None, :] <= pos[:, None]  # n_pos pos
+    key_dot_query = torch.einsum("lhnd,lhpd->lhnp", q, k) * causal
+    demo = prompt.demo_mask
+    query_side = causal & ~demo[None, :]
+    icl = torch.einsum("lhnp,lhpd->lhnd", key_dot_query * demo, v)
+    zsl = torch.einsum("lhnp,lhpd->lhnd", key_dot_query * query_side, v)
+
+    W_ZSL = dW_ICL = None
+    if matrices:
+        dW_ICL = einops.einsum(v[:, :, demo], k[:, :, demo], "l h p a, l h p b -> l h a b")
+        W_ZSL = einops.einsum(v, k, query_side.float(), "l h p a, l h p b, n p -> l h n a b")
+    W_O = torch.stack([adapter.W_O(layer) for layer in layers]).float().cpu()
+    b_O = torch.stack([adapter.b_O(layer) for layer in layers]).float().cpu()
+    direction = None
+    if label_tokens is not None:
+        d = _label_direction(adapter, label_tokens, scales["s"]).float().cpu()
+        direction = d[None].expand(len(layers), -1, -1)
+    return Decomposition(
+        prompt=prompt,
+        layers=torch.tensor(layers),
+        positions=pos,
+        zsl=zsl,
+        icl=icl,
+        key_dot_query=key_dot_query,
+        values=v,
+        pattern=pattern,
+        z=z,
+        W_O=W_O,
+        b_O=b_O,
+        attn_out=attn_out.float().cpu(),
+        W_ZSL=W_ZSL,
+        dW_ICL=dW_ICL,
+        label_direction=direction,
+    )
