@@ -585,3 +585,23 @@ def test_token_counters(small_tokenizer):
     q = len(small_tokenizer(spec.format_query(ex), add_special_tokens=False)["input_ids"])
     assert query_token_budget(spec, [ex], small_tokenizer) == q + 1 + 1
     assert query_token_budget(spec, [ex], small_tokenizer, add_bos=False, include_label=False) == q
+
+
+def test_hold_out_is_a_seeded_partition_of_the_pool():
+    from icl_lens.data.records import hold_out
+
+    pool = [Example({"text": f"t{i}"}, i % 3) for i in range(50)]
+    train, val, info = hold_out(pool, size=0.2, seed=7)
+    again = hold_out(pool, size=0.2, seed=7)
+    other = hold_out(pool, size=0.2, seed=8)
+    assert (len(train), len(val)) == (40, 10)
+    assert info == {"holdout_size": 10, "holdout_seed": 7, "holdout_of": 50}
+    assert [e.fields for e in again[1]] == [e.fields for e in val]  # same seed, same split
+    assert [e.fields for e in other[1]] != [e.fields for e in val]
+    names = sorted(e.fields["text"] for e in train + val)
+    assert names == sorted(e.fields["text"] for e in pool)  # nothing lost or repeated
+    assert [e.fields["text"] for e in train] == [e.fields["text"] for e in pool if e not in val]
+    assert len(hold_out(pool, size=5, seed=0)[1]) == 5
+    for bad in (0, 50, 1.0, 0.0):
+        with pytest.raises(ValueError, match="hold out|fraction"):
+            hold_out(pool, size=bad, seed=0)

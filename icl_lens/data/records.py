@@ -187,6 +187,44 @@ def _finish(
     return Task(spec, train, validation, info)
 
 
+def hold_out(
+    examples: Sequence[Example], *, size: int | float, seed: int
+) -> tuple[list[Example], list[Example], dict[str, Any]]:
+    """Split one labelled pool into ``(train, validation, info)``: a seeded permutation
+    of the pool, its first ``size`` examples (a count, or a fraction in (0, 1)) held out
+    for validation, the rest kept for demonstrations in their original order. ``info``
+    states the held-out size and seed, for results files and reports.
+
+    For sources that ship one split only (a single local file without a ``split``
+    column, the offline copies of the paper's tasks, which are train splits).
+
+    >>> pool = [Example({"text": str(i)}, i % 2) for i in range(10)]
+    >>> train, val, info = hold_out(pool, size=0.3, seed=0)
+    >>> len(train), len(val), info
+    (7, 3, {'holdout_size': 3, 'holdout_seed': 0, 'holdout_of': 10})
+    >>> sorted(int(e.fields["text"]) for e in train + val) == list(range(10))
+    True
+    """
+    n = len(examples)
+    if isinstance(size, float) and not isinstance(size, bool):
+        if not 0 < size < 1:
+            raise ValueError(f"a held-out fraction must be in (0, 1), got {size}")
+        count = max(1, round(size * n))
+    else:
+        count = int(size)
+    if not 0 < count < n:
+        raise ValueError(
+            f"cannot hold out {count} of {n} examples for validation: both the "
+            "demonstration pool and the validation split need at least one example"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    held = set(perm[:count].tolist())
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    validation = [examples[int(i)] for i in perm[:count]]
+    info = {"holdout_size": count, "holdout_seed": int(seed), "holdout_of": n}
+    return train, validation, info
+
+
 def task_from_records(
     train_records: Sequence[Mapping[str, Any]],
     validation_records: Sequence[Mapping[str, Any]],

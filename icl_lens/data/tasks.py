@@ -156,6 +156,12 @@ class Task:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def source(self) -> str:
+        """Where the examples came from: ``"hub"``, ``"file"``, ``"records"``, ... (see
+        ``info`` for the details)."""
+        return str(self.info.get("source", "unknown"))
+
     def label_counts(self, split: str = "train") -> dict[int, int]:
         """Examples per class index in ``split`` ("train" or "validation"), all classes listed."""
         examples = {"train": self.train, "validation": self.validation}[split]
