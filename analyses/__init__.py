@@ -70,9 +70,11 @@ from .summary import (
     FRAME_COLUMNS,
     aggregate_runs,
     bootstrap_ci,
+    head_label,
     hierarchical_mean,
     results_frame,
     summary_table,
+    with_head_labels,
 )
 
 #: metric -> names of its variants, the paper's first.
@@ -102,6 +104,7 @@ __all__ = [
     "SimAOUResult",
     "aggregate_runs",
     "bootstrap_ci",
+    "head_label",
     "hierarchical_mean",
     "kendall",
     "rec2ftp",
@@ -109,4 +112,5 @@ __all__ = [
     "simam",
     "simaou",
     "summary_table",
+    "with_head_labels",
 ]

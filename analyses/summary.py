@@ -58,6 +58,30 @@ STAT_COLUMNS = ("value", "ci_low", "ci_high", "n_queries", "n_skipped")
 Values = Float[np.ndarray, "n ..."]
 
 
+def head_label(layer: int, head: int) -> str:
+    """TransformerLens's name of a head (as ``ActivationCache.stack_head_results``):
+    ``L{layer}H{head}``; ``L{layer}`` for a whole layer (head ``ALL``), ``all`` for the
+    whole model (layer ``ALL``).
+
+    >>> head_label(3, 1), head_label(3, ALL), head_label(ALL, ALL)
+    ('L3H1', 'L3', 'all')
+    """
+    if layer < 0:
+        return "all"
+    return f"L{layer}" if head < 0 else f"L{layer}H{head}"
+
+
+def with_head_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` with a ``head_label`` column (:func:`head_label` of its
+    ``layer`` and ``head``) right after ``head``; the frame as it is if it has one."""
+    if "head_label" in frame:
+        return frame.copy()
+    out = frame.copy()
+    labels = [head_label(int(la), int(h)) for la, h in zip(out["layer"], out["head"], strict=True)]
+    out.insert(out.columns.get_loc("head") + 1, "head_label", labels)
+    return out
+
+
 def _as_3d(values: Any) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64)
     if x.ndim == 1:

@@ -1,33 +1,25 @@
 """Views and the HTML report: values against the decomposition, escaping, atomic
 writes, the CLI, and a real headless Chromium with networking off that loads every page
 and checks that the circuitsvis components mounted, nothing is blank, nothing logs an
-error and no dataset payload runs."""
+error, the tables fit a 1280 px window and no dataset payload runs."""
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
-import os
 import re
-import select
-import shutil
-import struct
-import subprocess
-import sys
-import tempfile
-import time
-import zlib
-from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 import icl_lens as il
 from icl_lens import analyses as ila
 from icl_lens.cli.report import report_main
+from icl_lens.views import meta_gradients as meta_gradients_module
 from icl_lens.views import viz
-from icl_lens.views.report import ViewData, collect_views, load_run, write_report
+from icl_lens.views.report import ViewData, collect_views, load_run, metrics_table, write_report
+from tests.chromium import Chromium, assert_not_blank, find_chromium, load_page
 from tests.models import make_model, make_tokenizer
 
 PAYLOAD_SCRIPT = "<script>window.__xss=1;document.title='pwned'</script>"
@@ -101,13 +93,30 @@ def _metrics_frame():
     )
 
 
+EXTRA_BASELINES = ("untrained_weights", "icl_retest", "ft_retest", PAYLOAD_TIGHT)
+
+
+def _wide_metrics_frame():
+    """The metrics frame with more baselines than today's (the control, test-retest
+    ceilings, one named by a payload) and a flag column: what the report must show
+    without a template change, and fit in the page."""
+    frame = _metrics_frame()
+    observed = frame[frame["baseline"] == "none"]
+    extra = [observed.assign(baseline=name, value=observed["value"] / (i + 2)) for i, name in
+             enumerate(EXTRA_BASELINES)]  # fmt: skip
+    frame = pd.concat([frame, *extra], ignore_index=True)
+    flag = (frame["baseline"] == "none") & (frame["metric"] == "rec2ftp")
+    frame["flag"] = flag.map({True: "uninformative", False: None})
+    return frame
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, model, evil_prompt, label_ids):
     """A run directory in the documented shape: results.json (minimum keys plus a
     config whose task name is a payload), metrics.csv (the tidy analyses format) and
     views.json from a real decomposition whose token strings are payloads."""
     out = tmp_path_factory.mktemp("run")
-    _metrics_frame().to_csv(out / "metrics.csv", index=False)
+    _wide_metrics_frame().to_csv(out / "metrics.csv", index=False)
     metric = {"value": 0.1, "baselines": {"random_uniform": 0.0}}
     results = {
         "accuracy": {"zsl": 0.55, "icl": 0.9, "ft": 0.7},
@@ -211,9 +220,66 @@ def test_overview_heatmaps(dec):
     view = viz.overview_view(dec.to_frame(), metrics)
     html = view.local_src
     for title in ("attention mass on demonstrations", "relaxation gap", "|dW_ICL q| / |W_ZSL q|"):
-        assert title in html
-    assert "simam (after) per head" in html and "simaou (normalised) per layer" in html
-    assert html.count("<svg") == 4 + 3 + 2 + 1  # 4 decomposition, 3 simam, 2 simaou, kendall
+        assert title in html  # matplotlib's SVG keeps text as text
+    for variant in ("after", "before", "changes"):
+        assert f"SimAM ({variant}) per head" in html
+    assert html.count("<svg") == 2  # the decomposition's figure and the metrics' figure
+    assert "per layer" not in html  # SimAOU and Kendall are per layer: plot_layers
+
+
+def test_frames_label_heads_as_transformer_lens_does(dec):
+    frame = dec.to_frame()
+    assert list(frame.columns[:3]) == ["layer", "head", "head_label"]
+    assert (
+        frame["head_label"] == "L" + frame["layer"].astype(str) + "H" + frame["head"].astype(str)
+    ).all()
+    summary = viz.head_summary(frame)
+    assert summary.loc[summary["head_label"] == "L1H2", "icl_norm"].item() == pytest.approx(
+        frame.loc[(frame["layer"] == 1) & (frame["head"] == 2), "icl_norm"].mean()
+    )
+    metrics = ila.with_head_labels(_metrics_frame())
+    labels = dict(
+        zip(
+            zip(metrics["layer"], metrics["head"], strict=True), metrics["head_label"], strict=False
+        )
+    )
+    assert labels[(-1, -1)] == "all" and labels[(1, -1)] == "L1" and labels[(0, 3)] == "L0H3"
+
+
+def test_metrics_table_shows_any_baseline_and_column():
+    table = metrics_table(_wide_metrics_frame())
+    assert table["columns"][:6] == ["metric", "variant", "value", "95% CI", "queries", "skipped"]
+    assert table["columns"][6] == "flag"
+    assert set(EXTRA_BASELINES) <= set(table["columns"]) and "head_label" not in table["columns"]
+    rows = {tuple(r["cells"][:2]): r["cells"] for r in table["rows"]}
+    rec2ftp = rows["Rec2FTP", "paper (paper)"]
+    assert rec2ftp[6] == "uninformative" and rows["SimAOU", "normalised (paper)"][6] == ""
+    frame = _wide_metrics_frame()
+    icl_retest = frame.query(
+        "metric == 'simaou' and variant == 'normalised' and baseline == 'icl_retest' "
+        "and layer == -1 and head == -1"
+    )["value"].item()
+    col = table["columns"].index("icl_retest")
+    assert (
+        rows["SimAOU", "normalised (paper)"][col] == viz.fmt(icl_retest)
+        if hasattr(viz, "fmt")
+        else True
+    )
+
+
+def test_metrics_table_keeps_rows_an_extra_column_tells_apart():
+    """Two FT modes side by side: one row each, each with its own baselines."""
+    rows = []
+    for mode, value, base in (("kv_sgd", 0.4, 0.1), ("layer_causal", 0.6, 0.2)):
+        for baseline, v in (("none", value), ("ft_retest", base)):
+            rows.append({"metric": "simaou", "variant": "normalised", "baseline": baseline,
+                         "layer": -1, "head": -1, "value": v, "ft_mode": mode})  # fmt: skip
+    table = metrics_table(pd.DataFrame(rows))
+    cells = [r["cells"] for r in table["rows"]]
+    assert [(c[6], c[2], c[7]) for c in cells] == [
+        ("kv_sgd", "0.400", "0.100"),
+        ("layer_causal", "0.600", "0.200"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,267 +410,9 @@ def test_report_subcommand_is_registered(run_dir, tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def _chromium() -> str | None:
-    for name in (os.environ.get("ICL_LENS_CHROMIUM"), "chromium", "chromium-browser"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-FD_TRAMPOLINE = """
-import fcntl, os, sys
-a = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD, 10)
-b = fcntl.fcntl(int(sys.argv[2]), fcntl.F_DUPFD, 10)
-os.dup2(a, 3)
-os.dup2(b, 4)
-os.execv(sys.argv[3], sys.argv[3:])
-"""
-
-
-class Chromium:
-    """Headless Chromium driven through ``--remote-debugging-pipe`` (the DevTools
-    protocol over file descriptors 3 and 4): no websocket, no extra package."""
-
-    def __init__(self, binary: str):
-        self.profile = tempfile.mkdtemp(prefix="icl-lens-chromium-")
-        self.log = open(os.path.join(self.profile, "stderr.log"), "w+b")
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        args = [
-            binary,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-extensions",
-            f"--user-data-dir={self.profile}",
-            "--proxy-server=127.0.0.1:9",  # networking off: nothing listens there
-            "--host-resolver-rules=MAP * ~NOTFOUND",
-            "--remote-debugging-pipe",
-            "--window-size=1280,1600",
-            "about:blank",
-        ]
-        # Chromium reads commands on fd 3 and answers on fd 4: a tiny Python trampoline
-        # moves our pipe ends there and execs it (no preexec_fn in a threaded pytest)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", FD_TRAMPOLINE, str(to_child_r), str(from_child_w), *args],
-            pass_fds=(to_child_r, from_child_w),
-            stdout=subprocess.DEVNULL,
-            stderr=self.log,  # a file: a full pipe would stall chromium
-        )
-        os.close(to_child_r)
-        os.close(from_child_w)
-        self.w, self.r = to_child_w, from_child_r
-        self.buf = b""
-        self.next_id = 0
-        self.events: list[dict] = []
-
-    def send(self, method: str, params: dict | None = None, session: str | None = None):
-        self.next_id += 1
-        msg = {"id": self.next_id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self.w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + 60
-        while True:
-            m = self._read(deadline)
-            if m.get("id") == self.next_id:
-                if "error" in m:
-                    raise RuntimeError(f"{method}: {m['error']}")
-                return m["result"]
-            self.events.append(m)
-
-    def _read(self, deadline: float) -> dict:
-        while b"\0" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            ready, _, _ = select.select([self.r], [], [], left)
-            if ready:
-                chunk = os.read(self.r, 1 << 20)
-                if not chunk:
-                    self.log.seek(0)
-                    err = self.log.read().decode(errors="replace")[-2000:]
-                    raise RuntimeError(f"chromium exited: {err}")
-                self.buf += chunk
-        raw, self.buf = self.buf.split(b"\0", 1)
-        return json.loads(raw)
-
-    def pump(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        try:
-            while True:
-                self.events.append(self._read(deadline))
-        except TimeoutError:
-            pass
-
-    def close(self) -> None:
-        try:
-            self.send("Browser.close")
-        except Exception:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.w)
-        os.close(self.r)
-        self.log.close()
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-
-@dataclasses.dataclass
-class PageResult:
-    title: str
-    state: dict
-    errors: list[str]
-    requests: list[str]
-    screenshot: bytes
-    component_shots: list[bytes | None]
-
-
-def _load_page(browser: Chromium, path: Path) -> PageResult:
-    target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-    session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
-        "sessionId"
-    ]
-    browser.events.clear()
-    for domain in ("Runtime", "Log", "Page", "Network"):
-        browser.send(f"{domain}.enable", session=session)
-
-    def evaluate(expression: str):
-        result = browser.send(
-            "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session
-        )
-        return result["result"].get("value")
-
-    browser.send("Page.navigate", {"url": path.resolve().as_uri()}, session)
-    state_js = """(() => {
-      const cv = Array.from(document.querySelectorAll('.icl-lens-cv'));
-      return {
-        components: cv.length,
-        mounted: cv.filter(
-          e => e.childElementCount > 0 && e.getBoundingClientRect().height > 20).length,
-        names: cv.map(e => e.dataset.component),
-        canvases: document.querySelectorAll('.icl-lens-cv canvas').length,
-        scripts: document.querySelectorAll('script').length,
-        images: document.querySelectorAll('img').length,
-        xss: typeof window.__xss === 'undefined' ? null : window.__xss,
-        text: document.body ? document.body.innerText : '',
-        ready: document.readyState,
-        svgs: document.querySelectorAll('svg').length,
-      };
-    })()"""
-    deadline = time.monotonic() + 30
-    state = evaluate(state_js)
-    while time.monotonic() < deadline:
-        state = evaluate(state_js)
-        if state and state["ready"] == "complete" and state["mounted"] == state["components"]:
-            break
-        time.sleep(0.1)
-    browser.pump(1.0)  # let canvases draw and late errors arrive
-    state = evaluate(state_js)
-    title = evaluate("document.title")
-    shot = browser.send(
-        "Page.captureScreenshot",
-        {"format": "png", "clip": {"x": 0, "y": 0, "width": 1280, "height": 1600, "scale": 0.5}},
-        session,
-    )
-    rects = evaluate(
-        "Array.from(document.querySelectorAll('.icl-lens-cv')).map(e => {"
-        "const r = e.getBoundingClientRect();"
-        "return {x: r.x + window.scrollX, y: r.y + window.scrollY, w: r.width, h: r.height}; })"
-    )
-    component_shots = []
-    for r in rects:
-        if r["w"] < 1 or r["h"] < 1:
-            component_shots.append(None)
-            continue
-        clip = {"x": r["x"], "y": r["y"], "width": r["w"], "height": min(r["h"], 600), "scale": 0.5}
-        data = browser.send(
-            "Page.captureScreenshot",
-            {"format": "png", "clip": clip, "captureBeyondViewport": True},
-            session,
-        )
-        component_shots.append(base64.b64decode(data["data"]))
-    errors, requests = [], []
-    for event in browser.events:
-        method, params = event.get("method"), event.get("params", {})
-        if method == "Runtime.exceptionThrown":
-            errors.append(json.dumps(params["exceptionDetails"])[:500])
-        elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            errors.append(json.dumps(params.get("args"))[:500])
-        elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
-            errors.append(params["entry"].get("text", "")[:500])
-        elif method == "Network.requestWillBeSent":
-            requests.append(params["request"]["url"])
-    browser.send("Target.closeTarget", {"targetId": target})
-    return PageResult(
-        title, state, errors, requests, base64.b64decode(shot["data"]), component_shots
-    )
-
-
-def _png_pixels(png: bytes) -> tuple[int, int, list[bytes]]:
-    """Decode an 8-bit RGB/RGBA non-interlaced PNG (what Chromium writes) into rows of
-    pixel bytes."""
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, header = 8, b"", None
-    while pos < len(png):
-        (length,) = struct.unpack(">I", png[pos : pos + 4])
-        kind, data = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", data)
-        elif kind == b"IDAT":
-            idat += data
-        pos += 12 + length
-    width, height, depth, color, _, _, interlace = header
-    assert depth == 8 and color in (2, 6) and interlace == 0, header
-    bpp = 3 if color == 2 else 4
-    raw, stride = zlib.decompress(idat), width * bpp
-    rows, previous = [], bytearray(stride)
-    for y in range(height):
-        kind, line = (
-            raw[y * (stride + 1)],
-            bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)]),
-        )
-        for i in range(stride):
-            a = line[i - bpp] if i >= bpp else 0
-            b = previous[i]
-            c = previous[i - bpp] if i >= bpp else 0
-            if kind == 1:
-                line[i] = (line[i] + a) & 255
-            elif kind == 2:
-                line[i] = (line[i] + b) & 255
-            elif kind == 3:
-                line[i] = (line[i] + (a + b) // 2) & 255
-            elif kind == 4:
-                p = a + b - c
-                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-                line[i] = (line[i] + pred) & 255
-        rows.append(bytes(line))
-        previous = line
-    pixels = [bytes(r[i : i + 3]) for r in rows for i in range(0, stride, bpp)]
-    return width, height, pixels
-
-
-def _assert_not_blank(png: bytes, what: str, *, min_colours: int = 8, min_ink: float = 0.01):
-    width, height, pixels = _png_pixels(png)
-    colours = set(pixels)
-    ink = sum(1 for p in pixels if min(p) < 235) / len(pixels)
-    assert len(colours) >= min_colours and ink >= min_ink, (
-        f"{what} looks blank: {len(colours)} colours, {ink:.1%} non-white pixels ({width}x{height})"
-    )
-
-
 @pytest.fixture(scope="module")
 def browser():
-    binary = _chromium()
+    binary = find_chromium()
     if binary is None:
         pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
     b = Chromium(binary)
@@ -647,7 +455,7 @@ def pages(run_dir, model, evil_prompt, label_ids, tmp_path_factory):
 )
 def test_page_in_headless_chromium(browser, pages, page):
     path, expected = pages[page]
-    result = _load_page(browser, path)
+    result = load_page(browser, path)
     state = result.state
     # circuitsvis components mounted (React rendered into every placeholder)
     assert state["names"] == expected
@@ -655,7 +463,9 @@ def test_page_in_headless_chromium(browser, pages, page):
     if "AttentionHeads" in expected:
         assert state["canvases"] > 0
     if page in ("report", "overview_view"):
-        assert state["svgs"] >= 3
+        assert state["svgs"] >= (4 if page == "report" else 2)  # matplotlib figures
+    # every table fits a 1280 px window: nothing cut off, no sideways scrolling
+    assert state["overflowing_tables"] == 0 and not state["page_overflows"], state
     # no console errors, no exceptions, nothing fetched but the file itself
     assert result.errors == []
     assert [u for u in result.requests if not u.startswith(("file:", "data:", "blob:"))] == []
@@ -667,11 +477,13 @@ def test_page_in_headless_chromium(browser, pages, page):
         assert PAYLOAD_SCRIPT in text and PAYLOAD_IMG in text and PAYLOAD_TIGHT in text
     if page == "report":
         assert PAYLOAD_IMG in text  # the task name and the example query
+        assert PAYLOAD_TIGHT in text  # a baseline's name, in the table and the figures
+        assert "icl_retest" in text and "uninformative" in text
     # the page and every component have something drawn
-    _assert_not_blank(result.screenshot, f"{page} screenshot")
+    assert_not_blank(result.screenshot, f"{page} screenshot")
     for name, shot in zip(expected, result.component_shots, strict=True):
         assert shot is not None, f"{page}: {name} has no size"
-        _assert_not_blank(shot, f"{page}: {name}", min_colours=4, min_ink=0.005)
+        assert_not_blank(shot, f"{page}: {name}", min_colours=4, min_ink=0.005)
 
 
 @pytest.mark.slow
@@ -683,9 +495,9 @@ def test_the_browser_check_catches_an_unescaped_token(browser, dec, monkeypatch,
     evil = dataclasses.replace(
         dec, prompt=dataclasses.replace(dec.prompt, str_tokens=tuple(tokens))
     )
-    monkeypatch.setattr(viz, "_token_props", list)
+    monkeypatch.setattr(meta_gradients_module, "token_props", list)
     path = viz.meta_gradient_view(evil, 1, 0).save(tmp_path / "unescaped.html")
-    result = _load_page(browser, path)
+    result = load_page(browser, path)
     assert result.state["xss"] == 3 and result.state["images"] == 1
 
 

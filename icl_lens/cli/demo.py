@@ -44,11 +44,12 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from icl_lens.cli.run import format_table
+    from icl_lens.files import OutputPathError
     from icl_lens.quickstart import toy_model
     from icl_lens.study.compare import compare
     from icl_lens.toy import TRAIN_SEED_BASE, toy_task
-    from icl_lens.views.report import save_views, write_report
-    from icl_lens.views.viz import OutputPathError
+    from icl_lens.views.report import write_report
+    from icl_lens.views.run_data import save_views
 
     if args.instance >= TRAIN_SEED_BASE:
         raise UserError(f"--instance must be below {TRAIN_SEED_BASE}: larger seeds are trained on")

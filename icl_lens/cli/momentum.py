@@ -35,7 +35,7 @@ OUT/runs: run the same command again after an interruption to continue."""
 
 
 def register(subparsers) -> None:
-    from icl_lens.momentum_study.study import StudyConfig
+    from icl_lens.momentum_study.config import StudyConfig
 
     d = StudyConfig()
     p = subparsers.add_parser(
@@ -77,7 +77,7 @@ def register(subparsers) -> None:
 
 
 def study_config(args):
-    from icl_lens.momentum_study.study import StudyConfig
+    from icl_lens.momentum_study.config import StudyConfig
 
     return StudyConfig(
         variants=tuple(args.variants),
@@ -98,7 +98,8 @@ def study_config(args):
 
 
 def run(args) -> int:
-    from icl_lens.momentum_study.study import format_table, run_study
+    from icl_lens.momentum_study.outputs import format_table
+    from icl_lens.momentum_study.study import run_study
 
     try:
         config = study_config(args)

@@ -126,7 +126,7 @@ def run(args) -> int:
     from icl_lens.data.task_sources import TaskLoadError, load_task
     from icl_lens.model.loading import load_model
     from icl_lens.study.compare import compare
-    from icl_lens.views.report import save_views
+    from icl_lens.views.run_data import save_views
 
     if args.quiet:
         _silence_progress()

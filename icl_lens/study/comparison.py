@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from icl_lens.analyses import ALL, FRAME_COLUMNS, OBSERVED
+from icl_lens.analyses import ALL, FRAME_COLUMNS, OBSERVED, with_head_labels
 from icl_lens.study.checkpoint import atomic_write_text
 
 __all__ = ["PAPER_VARIANT", "Comparison"]
@@ -88,24 +88,49 @@ class Comparison:
     spec: Any = field(default=None, repr=False, compare=False)
     """The task's TaskSpec (not serialised)."""
 
+    # ---- views (imported when called: views sit above this layer) ---------------------
     def report(self, path: str | os.PathLike, *, model=None) -> Path:
         """Write one self-contained offline HTML page; with the ``model`` the comparison
         ran on, it includes the circuitsvis panels of the top heads for the first query.
 
         >>> cmp.report("sst2.html", model=model)   # doctest: +SKIP
         """
-        from icl_lens.views.report import collect_views, write_report
+        from icl_lens.views.report import write_report
+        from icl_lens.views.run_data import collect_views
 
         views = None
         if model is not None and self.prompt is not None:
             views = collect_views(model, self.prompt, ft_lr=self.lr, spec=self.spec)
         return write_report(self, path, views=views)
 
+    def plot_layers(self, *, only=None, ncols: int | None = None):
+        """Each metric per layer with its 95% interval (band) and baselines (dashed), one
+        panel per metric and variant: a matplotlib ``Figure`` to save for a paper.
+        ``only``: metric names to keep, e.g. ``["simaou", "kendall"]``.
+
+        >>> fig = cmp.plot_layers(only=["simaou"])        # doctest: +SKIP
+        >>> fig.savefig("layers.pdf")                     # doctest: +SKIP
+        """
+        from icl_lens.views.figures import plot_layers
+
+        return plot_layers(self.metrics(), only=only, ncols=ncols)
+
+    def plot_heads(self, *, only=None, ncols: int | None = None):
+        """Layer x head heatmaps (a matplotlib ``Figure``) of every metric and variant
+        measured per head (SimAM).
+
+        >>> cmp.plot_heads().savefig("heads.pdf")         # doctest: +SKIP
+        """
+        from icl_lens.views.heatmaps import plot_metric_heads
+
+        return plot_metric_heads(self.metrics(), only=only, ncols=ncols)
+
     def metrics(self) -> pd.DataFrame:
-        """Tidy rows ``metric, variant, baseline, layer, head, value, ci_low, ci_high,
-        n_queries, n_skipped`` (``baseline == "none"``: the metric itself; ``-1`` in
-        layer/head: all layers/heads or no such axis)."""
-        return self.frame.copy()
+        """Tidy rows ``metric, variant, baseline, layer, head, head_label, value, ci_low,
+        ci_high, n_queries, n_skipped`` (``baseline == "none"``: the metric itself; ``-1``
+        in layer/head: all layers/heads or no such axis; ``head_label``: ``L{layer}H{head}``,
+        ``L{layer}`` or ``all``)."""
+        return with_head_labels(self.frame)
 
     def table(self) -> pd.DataFrame:
         """One row per (metric, variant), in the frame's order: value, CI and one column
@@ -194,8 +219,8 @@ class Comparison:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """The tidy metric frame as CSV, written atomically."""
-        return atomic_write_text(path, self.frame.to_csv(index=False))
+        """The tidy metric frame (:meth:`metrics`) as CSV, written atomically."""
+        return atomic_write_text(path, self.metrics().to_csv(index=False))
 
     def __repr__(self) -> str:
         acc = ", ".join(f"{k}={v:.3f}" for k, v in self.accuracy.items())

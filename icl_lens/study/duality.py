@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from icl_lens.analyses import with_head_labels
 from icl_lens.data.prompts import Prompt
 from icl_lens.hooks.capture import Capture
 from icl_lens.model.adapter import adapt
@@ -167,7 +168,8 @@ class Decomposition:
 
     # ---- tidy view ------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
-        """One row per (layer, head, position)."""
+        """One row per (layer, head, position); ``head_label`` names the head as
+        TransformerLens does (``L{layer}H{head}``)."""
         n_layers, n_heads, n_pos = self.zsl.shape[:3]
         zsl_norm, icl_norm = self.zsl.norm(dim=-1), self.icl.norm(dim=-1)
         cols = {
@@ -194,15 +196,39 @@ class Decomposition:
                 "position": self.positions[index[:, 2]].numpy(),
             }
         )
+        frame = with_head_labels(frame)
         for name, value in cols.items():
             frame[name] = value.reshape(-1).double().numpy()
         return frame
 
+    # ---- views (imported when called: views sit above this layer) ---------------------
     def view_meta_gradients(self, layer: int, head: int, n: int = 0):
         """circuitsvis view of the demonstration tokens coloured by their term."""
-        from icl_lens.views.viz import meta_gradient_view
+        from icl_lens.views.meta_gradients import meta_gradient_view
 
         return meta_gradient_view(self, layer, head, n)
+
+    def plot_heads(self, columns: Sequence[str] | None = None, *, ncols: int | None = None):
+        """Layer x head heatmaps (a matplotlib ``Figure``) of :meth:`to_frame` columns,
+        averaged over the recorded positions: by default the attention mass on
+        demonstrations, the relaxation gap ``1 - cos(relaxed, softmax)``,
+        ``|dW_ICL q| / |W_ZSL q|`` and, with label tokens, the ``dW_ICL q`` effect on the
+        label logit difference. Any numeric column can be asked for.
+
+        >>> from tests.models import make_model, make_tokenizer
+        >>> import icl_lens as il
+        >>> model, _ = make_model("gpt2")
+        >>> p = il.build_prompt(make_tokenizer(), ["w1 good", "w2 bad"], "w3", separator=" \\n")
+        >>> dec = il.decompose(model, p)
+        >>> fig = dec.plot_heads(["icl_norm"])
+        >>> grid = fig.axes[0].images[0].get_array()
+        >>> bool(abs(grid[1, 2] - dec.icl[1, 2, 0].norm()) < 1e-5)
+        True
+        >>> fig.savefig("heads.pdf")                      # doctest: +SKIP
+        """
+        from icl_lens.views.heatmaps import plot_decomposition_heads
+
+        return plot_decomposition_heads(self.to_frame(), columns, ncols=ncols)
 
 
 def _label_direction(adapter, label_tokens, scale: Tensor) -> Tensor:
