@@ -158,7 +158,7 @@ def plot_layers(
     >>> [ax.get_title() for ax in fig.axes]
     ['SimAOU (normalised)', 'SimAOU (unnormalised)']
     >>> value = [line for line in fig.axes[0].lines if line.get_label() == "value"][0]
-    >>> list(value.get_xdata()), fig.axes[0].get_xticklabels()[1].get_text()
+    >>> value.get_xdata().tolist(), fig.axes[0].get_xticklabels()[1].get_text()
     ([0, 1], 'L1')
     """
     rows = metrics[(metrics["layer"] >= 0) & (metrics["head"] < 0)]
@@ -297,7 +297,7 @@ def plot_accuracy(
     values; with ``control`` (the untrained-weights control), a lighter bar beside each.
 
     >>> fig = plot_accuracy({"zsl": 0.5, "icl": 0.9, "ft": 0.7})
-    >>> [round(p.get_width(), 2) for p in fig.axes[0].patches]
+    >>> [round(float(p.get_width()), 2) for p in fig.axes[0].patches]
     [0.5, 0.9, 0.7]
     """
     names = list(accuracy)
@@ -311,13 +311,13 @@ def plot_accuracy(
         bars = ax.barh(
             y + offset, values, height, color=[palette[i % 10] for i in range(len(names))]
         )
-        ax.bar_label(bars, labels=[_pct(v) for v in values], padding=2, fontsize=7)
+        _label_bars(ax, bars, values)
         if control:
             c_values = [_finite(control.get(k)) for k in names]
             c_bars = ax.barh(
                 y + height / 2, c_values, height, color="#cbd5e0", label="untrained weights"
             )
-            ax.bar_label(c_bars, labels=[_pct(v) for v in c_values], padding=2, fontsize=7)
+            _label_bars(ax, c_bars, c_values)
             ax.legend(loc="lower right")
         ax.set_yticks(y, [text(SETTINGS.get(k, k)) for k in names])
         ax.invert_yaxis()
@@ -334,5 +334,10 @@ def _finite(x: object) -> float:
     return v if math.isfinite(v) else float("nan")
 
 
-def _pct(v: float) -> str:
-    return "n/a" if math.isnan(v) else f"{v:.3f}"
+def _label_bars(ax: Axes, bars, values: Sequence[float]) -> None:
+    """Each bar's value at its end; ``n/a`` where there is no value (and no bar)."""
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=2, fontsize=7)
+    for bar, v in zip(bars, values, strict=True):
+        if math.isnan(v):
+            y = bar.get_y() + bar.get_height() / 2
+            ax.text(0.01, y, "n/a", va="center", fontsize=7, color="#718096")
