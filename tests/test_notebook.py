@@ -36,5 +36,9 @@ def test_tutorial_notebook_executes():
     views = [h for h in html if "CircuitsVis.render" in h]
     assert len(views) >= 2  # the meta-gradient view and the attention comparison
     assert all("unpkg.com" not in h for h in views)  # inlined, never from a CDN
+    # dec.plot_heads() and cmp.plot_layers() return matplotlib figures that show as
+    # images (no pyplot needed), once each
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2, [o.get("data", {}).get("text/plain") for o in outputs]
     assert any("report.html" in o.get("text", "") for o in outputs)
     assert elapsed < 300, f"the tutorial took {elapsed:.0f} s; keep it fast for CI"
