@@ -356,6 +356,12 @@ def test_report_sections(run_dir):
     assert not re.search(r"(src|href|import)\W+https?:", ours)  # nothing of ours to fetch
 
 
+def test_the_same_run_gives_the_same_page(run_dir):
+    from icl_lens.views.report import render_report
+
+    assert render_report(run_dir) == (run_dir / "report.html").read_text()
+
+
 def test_report_from_results_json_alone(tmp_path):
     results = {
         "accuracy": {"zsl": 0.5, "icl": 0.8, "ft": 0.6},

@@ -219,8 +219,9 @@ class Comparison:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """The tidy metric frame (:meth:`metrics`) as CSV, written atomically."""
-        return atomic_write_text(path, self.metrics().to_csv(index=False))
+        """The tidy metric frame as CSV (the analyses columns; :meth:`metrics` and the
+        report add ``head_label``), written atomically."""
+        return atomic_write_text(path, self.frame.to_csv(index=False))
 
     def __repr__(self) -> str:
         acc = ", ".join(f"{k}={v:.3f}" for k, v in self.accuracy.items())

@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 
 from icl_lens.files import atomic_write_text
 from icl_lens.study.comparison import PAPER_VARIANT
+from icl_lens.views.page import SETTING_NAMES
 
 __all__ = [
     "METRIC_TITLES",
@@ -52,7 +53,6 @@ __all__ = [
 
 METRIC_ORDER = ("rec2ftp", "simaou", "simam", "kendall")
 METRIC_TITLES = {"rec2ftp": "Rec2FTP", "simaou": "SimAOU", "simam": "SimAM", "kendall": "Kendall"}
-SETTINGS = {"zsl": "ZSL", "icl": "ICL", "ft": "FT"}
 VALUE_COLOR = "#2b6cb0"
 NAN_COLOR = "#e2e8f0"
 STYLE = {
@@ -319,7 +319,7 @@ def plot_accuracy(
             )
             _label_bars(ax, c_bars, c_values)
             ax.legend(loc="lower right")
-        ax.set_yticks(y, [text(SETTINGS.get(k, k)) for k in names])
+        ax.set_yticks(y, [text(SETTING_NAMES.get(k, k)) for k in names])
         ax.invert_yaxis()
         ax.set_xlim(0, 1.12)
         ax.set_xlabel("validation accuracy")

@@ -256,10 +256,12 @@ class View(RenderedHTML):
         walk(self.parts)
         return found
 
-    def render(self, *, bundle: bool = True) -> tuple[Markup, Markup]:
+    def render(self, *, bundle: bool = True, prefix: str | None = None) -> tuple[Markup, Markup]:
         """``(body, script)``: the HTML of the parts and one ``<script type=module>``
-        that mounts the components (with the bundle inlined when ``bundle``)."""
-        prefix = "icl-lens-" + uuid.uuid4().hex[:10]
+        that mounts the components (with the bundle inlined when ``bundle``). Element
+        ids start with ``prefix``: random by default, so that views shown together in a
+        notebook never share one; a page of its own can fix it (the report does)."""
+        prefix = prefix or "icl-lens-" + uuid.uuid4().hex[:10]
         mounts: list[dict[str, Any]] = []
 
         def tree(parts: Sequence[Any]) -> list[dict[str, Any]]:

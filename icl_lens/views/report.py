@@ -34,14 +34,13 @@ from icl_lens.files import atomic_write_text
 from icl_lens.study.comparison import PAPER_VARIANT
 from icl_lens.views.figures import (
     METRIC_TITLES,
-    SETTINGS,
     metric_pairs,
     plot_accuracy,
     plot_layers,
     svg,
 )
 from icl_lens.views.heatmaps import metric_grids, plot_decomposition_heads, plot_metric_heads
-from icl_lens.views.page import View, fmt, render
+from icl_lens.views.page import SETTING_NAMES, fmt, render
 from icl_lens.views.run_data import (
     RunData,
     ViewData,
@@ -174,7 +173,7 @@ def _accuracy(results: Mapping[str, Any]) -> dict[str, Any]:
     control = results.get("control") or {}
     c_acc = control.get("accuracy") if isinstance(control, Mapping) else None
     return {
-        "names": [SETTINGS.get(k, str(k)) for k in acc],
+        "names": [SETTING_NAMES.get(k, str(k)) for k in acc],
         "scores": [fmt(v) for v in acc.values()],
         "control": [fmt(c_acc.get(k)) for k in acc] if c_acc else None,
         "figure": svg(plot_accuracy(acc, c_acc or None)) if acc else None,
@@ -205,9 +204,11 @@ def render_report(source: Any, *, views: ViewData | None = None, title: str | No
     task = (results.get("config") or {}).get("task_name") or (results.get("info") or {}).get("task")
     title = title or (f"icl-lens report: {task}" if task else "icl-lens report")
     per_layer = run.metrics[(run.metrics["layer"] >= 0) & (run.metrics["head"] < 0)]
-    panels = run.views if run.views is not None else None
-    has_panels = panels is not None and (panels.meta_gradients or panels.attention)
-    body, script = View(panels.view()).render() if has_panels else (None, None)
+    panels = run.views
+    has_panels = panels is not None and bool(panels.meta_gradients or panels.attention)
+    body = script = None
+    if has_panels:  # fixed element ids: the same run gives the same page
+        body, script = panels.view().render(prefix="icl-lens-report")
     return str(
         render(
             "report.html.j2",
