@@ -14,6 +14,7 @@ right shapes works, including recordings from a randomly initialised model (the
 ``bootstrap_ci(values)``    percentile bootstrap over queries
 ``aggregate_runs(frames)``  mean / std / min / max / n over seeds or demo orders
 ``results_frame(*results)`` one tidy frame from several results
+``with_head_labels(frame)`` adds ``head_label``: ``L{layer}H{head}``, ``L{layer}``, ``all``
 ==========================  ===================================================
 
 Conventions shared by every result:
