@@ -96,6 +96,9 @@ class PrefixRunner:
         (query-relative, the same number per query) limits the logits to those
         positions; default: every query position."""
         a = self.adapter
+        a.check_token_ids(self.prefix, "the prefix (BOS and demonstrations)")
+        for q in queries:
+            a.check_token_ids(q, "the queries")
         total = len(self.prefix) + max(len(q) for q in queries)
         if total > a.n_ctx:
             raise ValueError(

@@ -12,6 +12,7 @@ sees zero-shot, so ``W_ZSL`` covers BOS and the query tokens.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,13 +25,19 @@ from icl_lens.data.tasks import Example, TaskSpec
 
 @dataclass(frozen=True)
 class Prompt:
-    """Token ids of one prompt with its demonstration and query spans."""
+    """Token ids of one prompt with its demonstration and query spans.
+
+    ``tokenizer_id`` is the :func:`tokenizer_fingerprint` of the tokenizer that made the
+    ids; analyses refuse a prompt whose tokenizer is not the model's
+    (:func:`check_prompt`). ``None`` (a hand-made prompt) skips that check.
+    """
 
     tokens: Int[Tensor, " pos"]
     demo_spans: tuple[tuple[int, int], ...]
     query_start: int
     str_tokens: tuple[str, ...] = ()
     label: int | None = None
+    tokenizer_id: str | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -56,6 +63,54 @@ class Prompt:
     @property
     def query_tokens(self) -> Int[Tensor, " query"]:
         return self.tokens[self.query_start :]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of ``tokenizer``'s vocabulary (token -> id): equal for two copies of
+    one tokenizer, different for another model's. Computed once per tokenizer and
+    vocabulary size, then cached on the tokenizer.
+
+    >>> from tests.models import make_tokenizer
+    >>> tokenizer_fingerprint(make_tokenizer()) == tokenizer_fingerprint(make_tokenizer())
+    True
+    """
+    size = len(tokenizer)
+    cached = getattr(tokenizer, "_icl_lens_fingerprint", None)
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    digest = hashlib.sha256()
+    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        digest.update(f"{index}\t{token}\n".encode("utf-8", "surrogatepass"))
+    fingerprint = digest.hexdigest()[:16]
+    try:
+        tokenizer._icl_lens_fingerprint = (size, fingerprint)
+    except AttributeError:  # pragma: no cover - a tokenizer that takes no attributes
+        pass
+    return fingerprint
+
+
+def check_prompt(prompt: Prompt, tokenizer, *, where: str = "prompt") -> None:
+    """Refuse anything but a :class:`Prompt`, and a prompt built with another tokenizer
+    than ``tokenizer`` (the model's): its ids would index the wrong tokens, silently.
+
+    >>> check_prompt("w1 w2", None)
+    Traceback (most recent call last):
+    ...
+    TypeError: prompt must be a Prompt (il.icl_prompt, il.task_prompt), got str
+    """
+    if not isinstance(prompt, Prompt):
+        raise TypeError(
+            f"{where} must be a Prompt (il.icl_prompt, il.task_prompt), got {type(prompt).__name__}"
+        )
+    if prompt.tokenizer_id is None or tokenizer is None:
+        return
+    if tokenizer_fingerprint(tokenizer) != prompt.tokenizer_id:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"{where} was built with another tokenizer than this model's ({name!r}); "
+            "build it with the model's own: il.task_prompt(model.tokenizer, ...) or "
+            "il.icl_prompt(model, ...)"
+        )
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -111,6 +166,7 @@ def build_prompt(
         query_start=query_start,
         str_tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
         label=label,
+        tokenizer_id=tokenizer_fingerprint(tokenizer),
     )
 
 

@@ -137,6 +137,25 @@ class ModelAdapter:
         return b.detach()
 
     @property
+    def d_vocab(self) -> int:
+        """Rows of the embedding table: every token id must be below this."""
+        return int(self.model.cfg.d_vocab)
+
+    def check_token_ids(self, tokens: Tensor, what: str = "the tokens") -> None:
+        """Refuse ids outside the model's vocabulary (tokens made with another model's
+        tokenizer) before they index past the embedding table deep inside torch."""
+        if tokens.numel() == 0:
+            return
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.d_vocab:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{what} hold token id {bad}, outside this model's vocabulary of "
+                f"{self.d_vocab} tokens (ids 0..{self.d_vocab - 1}): they were made with "
+                "another model's tokenizer; build them with this model's (model.tokenizer)"
+            )
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -187,6 +206,7 @@ class ModelAdapter:
         """Logits of a forward with temporary hooks, on either TransformerLens line.
 
         Tokens are used as given: no BOS is prepended."""
+        self.check_token_ids(tokens)
         if tokens.shape[-1] > self.n_ctx:
             raise ValueError(
                 f"a sequence of {tokens.shape[-1]} tokens does not fit the model's context "

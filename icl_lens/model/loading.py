@@ -20,6 +20,13 @@ from typing import Literal
 import torch
 
 from icl_lens.model.adapter import adapt
+from icl_lens.model.validation import (
+    check_causal_decoder,
+    check_local_source,
+    check_safetensors_files,
+    check_tokenizer_files,
+    check_tokenizer_fits,
+)
 
 LineChoice = Literal["auto", "bridge", "hooked"]
 
@@ -45,6 +52,28 @@ def _prepare_tokenizer(tokenizer, name: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _tokenizer_from(name_or_dir: str | Path):
+    """A tokenizer given by hub name or directory (``--tokenizer``)."""
+    from transformers import AutoTokenizer
+
+    check_local_source(name_or_dir)
+    if Path(name_or_dir).expanduser().is_dir():
+        name_or_dir = Path(name_or_dir).expanduser()
+        check_tokenizer_files(name_or_dir)
+    return AutoTokenizer.from_pretrained(name_or_dir, add_bos_token=True)
+
+
+def _check_model_directory(directory: Path, *, need_tokenizer: bool) -> None:
+    """Refuse, before loading any weights, a directory that is not a causal decoder,
+    whose weight files are damaged, or that has no tokenizer when none was given."""
+    from transformers import AutoConfig
+
+    check_causal_decoder(AutoConfig.from_pretrained(directory), where=str(directory))
+    check_safetensors_files(directory)
+    if need_tokenizer:
+        check_tokenizer_files(directory)
 
 
 def _hooked_from_hf(hf_model, tokenizer, device, dtype):
@@ -88,7 +117,13 @@ def load_model(
     transformers model, in eval mode.
 
     ``line="auto"`` uses TransformerBridge on TransformerLens 4.x and HookedTransformer
-    on 3.x.
+    on 3.x. ``tokenizer`` (a tokenizer, or a hub name / directory to load one from)
+    replaces the directory's own.
+
+    Refused early, with what to do (:mod:`icl_lens.model.validation`): a path that does
+    not exist (never sent to the hub), a model that is not a causal decoder (BERT), a
+    damaged ``*.safetensors`` file, a directory without a tokenizer, and a tokenizer
+    whose size does not fit the model's embedding table.
 
     >>> model = load_model("gpt2")                           # doctest: +SKIP
     >>> model = load_model("path/to/checkpoint_dir")         # doctest: +SKIP
@@ -97,6 +132,11 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     line = installed_line() if line == "auto" else line
+    if isinstance(source, str | Path):
+        check_local_source(source)
+        source = Path(source).expanduser() if Path(source).expanduser().is_dir() else source
+    if isinstance(tokenizer, str | Path):
+        tokenizer = _tokenizer_from(tokenizer)
     if isinstance(source, str | Path) and not Path(source).is_dir():
         name = str(source)
         if line == "bridge":
@@ -120,6 +160,7 @@ def load_model(
                 f"{directory} has no config.json: pass a Hugging Face model directory "
                 "(save_pretrained output) or a hub name"
             )
+        _check_model_directory(directory, need_tokenizer=tokenizer is None)
         hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(directory, add_bos_token=True)
@@ -129,6 +170,8 @@ def load_model(
         if tokenizer is None:
             raise ValueError("an in-memory model needs its tokenizer: load_model(m, tokenizer=tok)")
         name = getattr(hf_model, "name_or_path", "") or type(hf_model).__name__
+        check_causal_decoder(hf_model.config, architecture=type(hf_model).__name__)
+    check_tokenizer_fits(tokenizer, hf_model, where=name)
     tokenizer = _prepare_tokenizer(tokenizer, name)
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     if line == "bridge":

@@ -29,13 +29,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import einops
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from icl_lens.analyses import with_head_labels
-from icl_lens.data.prompts import Prompt
+from icl_lens.data.prompts import Prompt, check_prompt
 from icl_lens.hooks.capture import Capture
 from icl_lens.model.adapter import adapt
 
@@ -251,6 +252,33 @@ def _label_direction(adapter, label_tokens, scale: Tensor) -> Tensor:
     return direction[None, :] / scale[:, None]  # n_pos d_model
 
 
+def _check_label_tokens(label_tokens, d_vocab: int) -> tuple[int, int]:
+    """``(a, b)``: two token ids of the vocabulary (a negative id would wrap around)."""
+    if isinstance(label_tokens, str | bytes) or not hasattr(label_tokens, "__len__"):
+        raise TypeError(
+            "label_tokens must be a pair of token ids (a, b), e.g. "
+            f"label_tokens(model.tokenizer, spec).first; got {type(label_tokens).__name__}"
+        )
+    if len(label_tokens) != 2:
+        raise ValueError(
+            f"label_tokens must be a pair of token ids (a, b) for logit[b] - logit[a]; got "
+            f"{len(label_tokens)} values"
+        )
+    ids = []
+    for token in label_tokens:
+        if isinstance(token, Tensor) and token.numel() == 1:
+            token = token.item()
+        if isinstance(token, bool) or not isinstance(token, int | np.integer):
+            raise TypeError(f"label_tokens must be integer token ids, got {token!r}")
+        if not 0 <= token < d_vocab:
+            raise ValueError(
+                f"label token id {int(token)} is outside the model's vocabulary "
+                f"(ids 0..{d_vocab - 1})"
+            )
+        ids.append(int(token))
+    return ids[0], ids[1]
+
+
 def decompose(
     model,
     prompt: Prompt,
@@ -263,11 +291,15 @@ def decompose(
     """Split every head's output at ``positions`` (default: the prediction position)
     into its W_ZSL q and dW_ICL q terms.
 
-    ``label_tokens=(a, b)`` adds each term's direct effect on the logit difference
-    ``logit[b] - logit[a]``. ``matrices=True`` also returns the d_head x d_head
+    ``label_tokens=(a, b)`` (two token ids) adds each term's direct effect on the logit
+    difference ``logit[b] - logit[a]``. ``matrices=True`` also returns the d_head x d_head
     matrices W_ZSL (per position) and dW_ICL.
     """
     adapter = adapt(model)
+    check_prompt(prompt, getattr(model, "tokenizer", None))
+    adapter.check_token_ids(prompt.tokens, "the prompt")
+    if label_tokens is not None:
+        label_tokens = _check_label_tokens(label_tokens, adapter.d_vocab)
     if prompt.n_tokens > adapter.n_ctx:
         raise ValueError(
             f"the prompt has {prompt.n_tokens} tokens ({prompt.query_start} of BOS and "

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from icl_lens.data.prompts import Prompt
+from icl_lens.data.prompts import Prompt, check_prompt
 from icl_lens.data.tasks import TaskSpec, check_label_words
 from icl_lens.hooks.prefix import PrefixRunner
 from icl_lens.model.adapter import adapt
@@ -46,6 +47,18 @@ class LabelTokens:
     """
 
     ids: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        for word in self.ids:
+            if not word or any(isinstance(i, bool) or not isinstance(i, Integral) for i in word):
+                raise TypeError(f"each label word needs one or more int token ids, got {word!r}")
+            if min(word) < 0:
+                raise ValueError(f"label token ids must be >= 0, got {word!r}")
+
+    def check(self, adapter) -> None:
+        """Refuse ids outside ``adapter``'s vocabulary."""
+        flat = torch.tensor([i for word in self.ids for i in word], dtype=torch.long)
+        adapter.check_token_ids(flat, "the label words")
 
     @property
     def n_classes(self) -> int:
@@ -162,6 +175,7 @@ def predict_queries(
 ) -> Predictions:
     """Predictions for ``prefix + query`` of each query (all sharing ``prefix``)."""
     adapter = adapt(model)
+    labels.check(adapter)
     runner = PrefixRunner(adapter, prefix)
     parts = []
     for start in range(0, len(queries), batch_size):
@@ -188,8 +202,12 @@ def predict(
     Prompts that share their prefix (BOS + demonstrations) run together, reusing the
     prefix's key/value cache. ``gold`` comes from each prompt's ``label``.
     """
+    if isinstance(prompts, Prompt):
+        prompts = [prompts]
     if not prompts:
         raise ValueError("predict needs at least one prompt")
+    for i, p in enumerate(prompts):
+        check_prompt(p, getattr(model, "tokenizer", None), where=f"prompt {i}")
     labels = label_tokens(model.tokenizer, spec)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, p in enumerate(prompts):

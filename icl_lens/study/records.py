@@ -120,6 +120,7 @@ def record(
     if not queries:
         raise ValueError("record needs at least one query")
     adapter = adapt(model)
+    labels.check(adapter)
     runner = PrefixRunner(adapter, prefix)
     n_prefix = len(prefix)
     appended = torch.tensor([labels.first[0]], dtype=torch.long)
