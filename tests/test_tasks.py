@@ -384,7 +384,10 @@ def test_columns_mapping(tmp_path):
 def test_local_file_errors(tmp_path):
     p = tmp_path / "nosplit.jsonl"
     p.write_text(json.dumps({"text": "x", "label": 0}))
-    with pytest.raises(ValueError, match="'split' column"):
+    with pytest.raises(ValueError, match="cannot hold out 1 of 1 examples"):
+        load_task(p, label_words=[" a", " b"])
+    p.write_text(json.dumps({"text": "x", "label": 0, "split": "train"}) + '\n{"text": "y"}')
+    with pytest.raises(ValueError, match="record 1: no 'split' value"):
         load_task(p, label_words=[" a", " b"])
     p = tmp_path / "sst2.jsonl"
     p.write_text(json.dumps({"text": "x", "label": 0, "split": "train"}))

@@ -4,6 +4,7 @@ parsing, template columns, label words inferred from the data, the validation pr
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -160,6 +161,22 @@ def _resolve_spec(
     return TaskSpec(name, template or DEFAULT_TEMPLATE, tuple(label_words))
 
 
+def _warn_unused_label_words(
+    spec: TaskSpec, train: Sequence[Example], validation: Sequence[Example]
+) -> None:
+    """Warn about label words no example has: they still compete in every prediction
+    (e.g. three words given for a two-class file)."""
+    used = {ex.label for ex in (*train, *validation)}
+    unused = [w for c, w in enumerate(spec.label_words) if c not in used]
+    if unused and (train or validation):
+        warnings.warn(
+            f"task {spec.name!r}: label words {unused} are used by no example "
+            f"({len(used)} of {spec.n_classes} classes occur); predictions still choose "
+            "among all label words: check the label words and the label column",
+            stacklevel=4,
+        )
+
+
 def _finish(
     spec: TaskSpec,
     train: list[Example],
@@ -177,6 +194,7 @@ def _finish(
         validation = [validation[i] for i in perm]
     if validation_limit is not None:
         validation = validation[:validation_limit]
+    _warn_unused_label_words(spec, train, validation)
     info = {
         **info,
         "n_train": len(train),

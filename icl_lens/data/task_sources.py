@@ -13,7 +13,9 @@ Local files (a path that exists always wins over a task name):
   ``test`` are accepted for validation), each one of the formats above.
 
 A single file of records says which split each record belongs to in a ``split`` column
-(``train``; ``validation``, ``valid``, ``val``, ``dev`` or ``test``). A record carries one
+(``train``; ``validation``, ``valid``, ``val``, ``dev`` or ``test``), or has no ``split``
+column at all: then ``validation_fraction`` of it (0.2 by default) is held out for
+validation with a fixed seed (``task.info`` states the sizes and the seed). A record carries one
 column per template field (``text`` for one-text tasks; ``premise`` and ``hypothesis`` for
 CB; ``sentence``, ``content``, ``review``, ``input`` or ``document`` are accepted for
 ``text``; other names through ``columns=``) and a ``label``: a class index (``1``,
@@ -53,7 +55,13 @@ from pathlib import Path
 from typing import Any
 
 from icl_lens.data.hub import PAPER_SOURCES, HubSource, TaskLoadError, _load_paper_task
-from icl_lens.data.local_files import FILE_EXTENSIONS, _load_local, read_records, save_task
+from icl_lens.data.local_files import (
+    FILE_EXTENSIONS,
+    VALIDATION_FRACTION,
+    _load_local,
+    read_records,
+    save_task,
+)
 from icl_lens.data.records import _resolve_spec, task_from_records
 from icl_lens.data.tasks import (
     PAPER_TASKS,
@@ -84,6 +92,7 @@ def load_task(
     validation_limit: int | None = 2000,
     seed: int | None = 1,
     hub_kwargs: Mapping[str, Any] | None = None,
+    validation_fraction: float = VALIDATION_FRACTION,
 ) -> Task:
     """Load a paper task from the hub, or a task from a local file or directory.
 
@@ -93,8 +102,10 @@ def load_task(
     template fields to record columns. ``seed`` is the validation shuffle seed (1, as in
     the authors' code; ``None`` keeps the split's order) and ``validation_limit`` caps the
     validation queries after shuffling (``None``: all). ``hub_kwargs`` go to
-    ``datasets.load_dataset`` (``cache_dir``, ``revision``, ...). Demonstrations are not
-    drawn here: see :func:`icl_lens.data.demonstrations.sample_demonstrations`.
+    ``datasets.load_dataset`` (``cache_dir``, ``revision``, ...). ``validation_fraction``
+    is the share held out for validation from a single file without a ``split`` column
+    (default 0.2, seed 0). Demonstrations are not drawn here: see
+    :func:`icl_lens.data.demonstrations.sample_demonstrations`.
 
     Raises :class:`TaskLoadError` (chained from the hub error) when a paper task cannot be
     fetched, with instructions for passing a local file instead.
@@ -105,7 +116,9 @@ def load_task(
     """
     path = Path(name_or_path)
     if path.exists():
-        return _load_local(path, spec, template, label_words, columns, validation_limit, seed)
+        return _load_local(
+            path, spec, template, label_words, columns, validation_limit, seed, validation_fraction
+        )
     key = normalize_task_name(str(name_or_path))
     if key in PAPER_TASKS and not path.suffix:
         base = PAPER_TASKS[key]
@@ -122,6 +135,6 @@ def load_task(
         raise FileNotFoundError(f"no task file or directory at {str(path)!r}")
     raise ValueError(
         f"unknown task {str(name_or_path)!r}: not a file or directory, and not a paper task "
-        f"({', '.join(PAPER_TASKS)}). Local files: .jsonl/.json/.csv/.tsv with a split "
-        "column, or a directory with train.* and validation.*"
+        f"({', '.join(PAPER_TASKS)}). Local files: .jsonl/.json/.csv/.tsv (a split column "
+        "is optional), or a directory with train.* and validation.*"
     )

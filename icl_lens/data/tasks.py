@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -277,6 +278,26 @@ def _show(tokenizer: Any, ids: list[int]) -> str:
     return "[" + ", ".join(f"{t!r}={i}" for t, i in zip(toks, ids, strict=True)) + "]"
 
 
+def _warn_bare_space(spec: TaskSpec, tokenizer: Any, per_class: list[list[int]]) -> None:
+    """Warn about label words whose first token is a bare space: the one-token path
+    scores the space, and the word itself only through later tokens."""
+    bare = []
+    for word, ids in zip(spec.label_words, per_class, strict=True):
+        try:
+            text = tokenizer.decode(ids[:1])
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot decode: nothing to say
+            continue
+        if not text.strip():
+            bare.append(f"{word!r} -> {_show(tokenizer, ids)}")
+    if bare:
+        warnings.warn(
+            f"task {spec.name!r}: label words start with a bare space token: "
+            f"{'; '.join(bare)}. Their first token says nothing about the class; choose words "
+            "that are one token with their leading space, or drop the space",
+            stacklevel=3,
+        )
+
+
 def check_label_words(
     spec: TaskSpec,
     tokenizer: Any,
@@ -291,7 +312,9 @@ def check_label_words(
     text instead, which matters for tokenizers that treat the start of a string specially
     (SentencePiece). Raises ``ValueError`` naming the word and its tokens when a word is
     several tokens and ``require_single_token``, and naming both words when two label
-    words start with the same token (their first-token scores would be identical).
+    words start with the same token (their first-token scores would be identical), and
+    naming a word that is the tokenizer's unknown token; warns about words whose first
+    token is a bare space.
     Returns the per-class token id lists (for the multi-token mean log-prob path).
     ``tokenizer`` may also be a model with a ``.tokenizer`` (a TransformerLens model).
 
@@ -318,7 +341,14 @@ def check_label_words(
             ids = full[len(prefix) :]
         if not ids:
             raise ValueError(f"task {spec.name!r}: label word {word!r} tokenizes to nothing")
+        unknown = getattr(tok, "unk_token_id", None)
+        if unknown is not None and unknown in ids:
+            raise ValueError(
+                f"task {spec.name!r}: label word {word!r} is not in the tokenizer's vocabulary "
+                f"(it tokenizes to {_show(tok, ids)}, the unknown token); choose another word"
+            )
         per_class.append(ids)
+    _warn_bare_space(spec, tok, per_class)
 
     if require_single_token:
         multi = [
