@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 import icl_lens as il
 from icl_lens.data.prompts import tokenizer_fingerprint
+from icl_lens.data.task_sources import task_from_records
 from icl_lens.study.predict import LabelTokens, label_tokens
 from icl_lens.study.records import record
 from tests.models import SPECIALS, VOCAB_SIZE, WORDS, make_model, make_tokenizer
@@ -112,3 +113,40 @@ def test_negative_label_ids_are_refused_by_label_tokens():
         LabelTokens(((-1,), (3,)))
     with pytest.raises(TypeError, match="int token ids"):
         LabelTokens(((), (3,)))
+
+
+def long_task(n_words: int, *, long_train: bool):
+    """Two-class records; every train text ``n_words`` long when ``long_train``."""
+    n = n_words if long_train else 2
+
+    def rec(i):
+        return {"text": " ".join(f"w{(i + j) % 90}" for j in range(n)), "label": i % 2}
+
+    val = [{"text": "w1 w2", "label": i % 2} for i in range(4)]
+    return task_from_records([rec(i) for i in range(6)], val, label_words=[" bad", " good"])
+
+
+def test_compare_needs_at_least_one_shot(model):
+    with pytest.raises(ValueError, match="shots must be >= 1, got 0"):
+        il.compare(model, long_task(2, long_train=False), shots=0)
+
+
+def test_compare_says_which_demonstrations_are_too_long(model):
+    task = long_task(200, long_train=True)  # 200 words: more than the context of 128 alone
+    with pytest.raises(
+        ValueError, match=r"none of the 4 demonstrations fits .*more than 122 tokens \(up to 20\d\)"
+    ):
+        with pytest.warns(UserWarning, match="demonstration 1 has 20"):
+            il.compare(model, task, shots=4)
+
+
+def test_a_model_that_outputs_nan_is_called_broken_before_any_work(tmp_path):
+    from tests.models import make_hf_model
+
+    hf = make_hf_model("gpt2", n_layers=1)
+    with torch.no_grad():
+        hf.transformer.ln_f.weight.fill_(float("nan"))
+    broken = il.load_model(hf, tokenizer=make_tokenizer())
+    with pytest.raises(ValueError, match="the model itself is broken: its zero-shot logits .* NaN"):
+        il.compare(broken, long_task(2, long_train=False), shots=2, checkpoint_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # refused before the first checkpoint

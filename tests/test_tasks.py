@@ -513,6 +513,14 @@ def test_fit_to_context_drops_from_the_end():
         fit_to_context(demos, 20, lambda ex: 1, query_budget=30)
 
 
+def test_fit_to_context_skips_a_demonstration_too_long_even_alone():
+    demos = [Example({"text": "x" * n}, 0) for n in (30, 3, 25, 4, 2)]
+    with pytest.warns(UserWarning, match=r"demonstration 1 has 30 tokens, demonstration 3 has 25"):
+        fit = fit_to_context(demos, 20, lambda ex: len(ex.fields["text"]), query_budget=8)
+    assert fit.demonstrations == [demos[1], demos[3], demos[4]]  # 8 + 3 + 4 + 2 = 17
+    assert fit.skipped == ((0, 30), (2, 25)) and (fit.k_requested, fit.k_effective) == (5, 3)
+
+
 # ----------------------------------------------------------------------------- label words
 
 

@@ -12,11 +12,15 @@ icl-lens 0.1.0
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 from icl_lens.errors import UserError
+from icl_lens.files import OutputPathError
 
 SUBCOMMANDS: dict[str, str] = {
     "demo": "icl_lens.cli.demo",
@@ -45,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", text.strip())
+
+
+@contextlib.contextmanager
+def _one_line_warnings(prefix: str):
+    """Warnings as ``icl-lens run: warning: ...`` lines, not file:line plus source."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_args, **_kw: f"{prefix}: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``icl-lens``; returns the exit code."""
     parser = build_parser()
@@ -53,9 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
-    except UserError as err:
-        print(f"icl-lens {args.command}: error: {err}", file=sys.stderr)
+        with _one_line_warnings(f"icl-lens {args.command}"):
+            return int(args.func(args) or 0)
+    except (UserError, OutputPathError) as err:
+        print(f"icl-lens {args.command}: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

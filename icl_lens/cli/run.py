@@ -11,12 +11,15 @@ interruption continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from pathlib import Path
 
 import pandas as pd
 
+from icl_lens.cli.out_dir import claim_output_directory
+from icl_lens.data.local_files import HOLDOUT_SEED, VALIDATION_FRACTION
 from icl_lens.errors import UserError
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
@@ -42,6 +45,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="hub name or local Hugging Face directory")
     p.add_argument(
+        "--tokenizer",
+        metavar="NAME_OR_DIR",
+        help="tokenizer to use instead of the model directory's own (hub name or directory)",
+    )
+    p.add_argument(
         "--task",
         required=True,
         help="paper task (sst2, sst5, mr, subj, agnews, cb) or a local file/directory",
@@ -57,6 +65,13 @@ def register(subparsers) -> None:
         metavar="WORD",
         help="label word per class, in class order (a leading space is added: Negative -> "
         "' Negative'); default: the paper task's, or the labels found in the file",
+    )
+    p.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=VALIDATION_FRACTION,
+        help="share of a single task file without a split column held out for validation "
+        f"(seed {HOLDOUT_SEED}; default {VALIDATION_FRACTION})",
     )
     p.add_argument("--shots", type=int, default=32, help="demonstrations k (default 32)")
     p.add_argument("--seed", type=int, default=1, help="demonstration seed (default 1)")
@@ -122,7 +137,64 @@ def _silence_progress() -> None:
         pass
 
 
+def check_arguments(args) -> None:
+    """Numbers that cannot work, refused before anything is loaded."""
+    for option in ("shots", "max_queries", "batch_size"):
+        value = getattr(args, option)
+        if value < 1:
+            flag = "--" + option.replace("_", "-")
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if not 0 < args.validation_fraction < 1:
+        raise UserError(
+            f"--validation-fraction must be between 0 and 1, got {args.validation_fraction}"
+        )
+
+
+def _label_words_flag(match: re.Match) -> str:
+    words = re.findall(r"'\s*([^']*?)\s*'", match.group(1))
+    return "--label-words " + " ".join(words)
+
+
+CLI_WORDING = (
+    (re.compile(r"label_words=\(([^)]*)\)"), _label_words_flag),
+    (re.compile(r"\blabel_words="), "--label-words"),
+    (
+        re.compile(r"\s*\(one per class, in index order, with the leading space\)"),
+        " (in class order)",
+    ),
+    (re.compile(r",? a TaskSpec,?| or a TaskSpec"), ","),
+    (re.compile(r"or pass columns=\{'(\w+)': '<column>'\}"), "or name it in --template"),
+    (re.compile(r"\bvalidation_limit\b"), "--max-queries"),
+)
+"""Library wording -> command-line wording, for errors the CLI passes on."""
+
+
+def cli_wording(message: str) -> str:
+    """Say ``--label-words`` where the library says ``label_words=(...)``.
+
+    >>> cli_wording("pass label_words=(' Negative', ' Positive') (one per class, in "
+    ...             "index order, with the leading space), a TaskSpec, or add a column")
+    'pass --label-words Negative Positive (in class order), or add a column'
+    """
+    for pattern, replacement in CLI_WORDING:
+        message = pattern.sub(replacement, message)
+    return message.replace(",,", ",").rstrip(",")
+
+
+def _held_out_note(task) -> str | None:
+    if "holdout_size" not in task.info:
+        return None
+    return f"note: {task.info['validation_split']} (--validation-fraction)"
+
+
 def run(args) -> int:
+    """Check the arguments and the output directory, then run with ``--out`` locked."""
+    check_arguments(args)
+    with claim_output_directory(args.out):
+        return _run(args)
+
+
+def _run(args) -> int:
     from icl_lens.data.task_sources import TaskLoadError, load_task
     from icl_lens.model.loading import load_model
     from icl_lens.study.compare import compare
@@ -139,14 +211,16 @@ def run(args) -> int:
             template=args.template,
             label_words=words,
             validation_limit=args.max_queries,
+            validation_fraction=args.validation_fraction,
         )
     except (TaskLoadError, *USER_ERRORS) as err:
-        raise UserError(str(err)) from err
+        raise UserError(cli_wording(str(err))) from err
+    if not args.quiet and _held_out_note(task):
+        print(_held_out_note(task), file=sys.stderr)
     try:
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
     except (OSError, *USER_ERRORS) as err:
         raise UserError(f"could not load model {args.model!r}: {err}") from err
-    args.out.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         if args.quiet:
             warnings.simplefilter("ignore")
@@ -167,7 +241,7 @@ def run(args) -> int:
                 progress=not args.quiet,
             )
         except (ValueError, FileNotFoundError) as err:
-            raise UserError(str(err)) from err
+            raise UserError(cli_wording(str(err))) from err
     cmp.config.update({"model_name": args.model, "task_source": str(args.task)})
     cmp.to_json(args.out / "results.json")
     cmp.to_csv(args.out / "metrics.csv")

@@ -152,6 +152,9 @@ class ContextFit:
     n_ctx: int
     query_budget: int
     demo_tokens: tuple[int, ...]
+    skipped: tuple[tuple[int, int], ...] = ()
+    """(position in the drawn order, tokens) of each demonstration too long to fit the
+    context even alone next to the query budget; they are skipped, not packed."""
 
     @property
     def k_effective(self) -> int:
@@ -181,6 +184,12 @@ def fit_to_context(
     query and, if scored by appending, the longest label word (:func:`query_token_budget`).
     Demonstrations are dropped from the end, as the authors' code does.
 
+    One exception, where the authors' rule would give up: a demonstration that cannot
+    fit even alone (its tokens + ``query_budget`` > ``n_ctx``) is skipped with a warning
+    naming it, and packing goes on with the next one (:attr:`ContextFit.skipped`). With
+    the paper's tasks and contexts no demonstration is that long, so the rule there is
+    unchanged; elsewhere one over-long text no longer empties the prompt.
+
     >>> fit = fit_to_context([Example({"text": "x"}, 0)] * 5, 100, lambda ex: 30, 20)
     >>> fit.k_effective, fit.n_dropped
     (2, 3)
@@ -194,16 +203,27 @@ def fit_to_context(
         )
     kept: list[Example] = []
     sizes: list[int] = []
+    skipped: list[tuple[int, int]] = []
     used = query_budget
-    for ex in demos:
+    for position, ex in enumerate(demos):
         size = int(count_tokens(ex))
         if size < 0:
             raise ValueError(f"count_tokens returned {size} for {ex!r}")
+        if query_budget + size > n_ctx:
+            skipped.append((position, size))
+            continue
         if used + size > n_ctx:
             break
         kept.append(ex)
         sizes.append(size)
         used += size
+    if skipped:
+        warnings.warn(
+            "skipped demonstrations too long for the context even alone: "
+            + ", ".join(f"demonstration {i + 1} has {n} tokens" for i, n in skipped)
+            + f"; the context holds {n_ctx} tokens and the longest query needs {query_budget}",
+            stacklevel=2,
+        )
     if len(kept) < len(demos):
         log.info(
             "context of %d tokens holds %d of %d demonstrations (query budget %d)",
@@ -212,7 +232,7 @@ def fit_to_context(
             len(demos),
             query_budget,
         )
-    return ContextFit(kept, len(demos), n_ctx, query_budget, tuple(sizes))
+    return ContextFit(kept, len(demos), n_ctx, query_budget, tuple(sizes), tuple(skipped))
 
 
 def demonstration_token_counter(spec: TaskSpec, tokenizer: Any) -> Callable[[Example], int]:

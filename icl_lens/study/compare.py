@@ -52,6 +52,7 @@ from icl_lens.data.demonstrations import (
 from icl_lens.data.prompts import encode, task_prompt
 from icl_lens.data.task_sources import load_task
 from icl_lens.data.tasks import Task
+from icl_lens.hooks.logits import logit_hook
 from icl_lens.model.adapter import adapt
 from icl_lens.model.untrained import untrained_copy
 from icl_lens.study.checkpoint import Checkpoints
@@ -84,6 +85,25 @@ def _fingerprint_task(task: Task) -> str:
             h.update(repr((sorted(ex.fields.items()), ex.label)).encode())
         h.update(b"|")
     return h.hexdigest()[:16]
+
+
+def _check_finite_logits(adapter, prompt) -> None:
+    """One zero-shot and one in-context forward of the first query, before any work:
+    a model whose logits are NaN or infinite is broken, and would otherwise surface only
+    as "every learning rate of the grid diverged"."""
+    zero_shot = torch.cat([prompt.tokens[:1], prompt.query_tokens])
+    with adapter.inference():
+        for setting, tokens in (("zero-shot", zero_shot), ("in-context", prompt.tokens)):
+            last = adapter.forward(
+                tokens[None].to(adapter.device), fwd_hooks=[logit_hook(None, last=True)]
+            )[0, -1]
+            if not torch.isfinite(last).all():
+                bad = "NaN" if torch.isnan(last).any() else "infinite"
+                raise ValueError(
+                    f"the model itself is broken: its {setting} logits for the first query "
+                    f"are {bad} before any finetuning; check its weights (and the dtype: "
+                    "float16 overflows in some models)"
+                )
 
 
 def _load(store: Checkpoints | None, stage: str, compute: Callable[[], Any]) -> Any:
@@ -131,6 +151,11 @@ def compare(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+    if isinstance(shots, bool) or not isinstance(shots, int | np.integer) or shots < 1:
+        raise ValueError(
+            f"shots must be >= 1, got {shots!r}: ICL and the finetuning baseline both learn "
+            "from the demonstrations"
+        )
     grid = resolve_lr_grid(lr_grid)
     adapter = adapt(model)
     tok = getattr(model, "tokenizer", None)
@@ -149,10 +174,13 @@ def compare(
         demos = [demos[i] for i in np.random.default_rng(order_seed).permutation(len(demos))]
     budget = query_token_budget(spec, validation, tok, include_label=True)
     fit = fit_to_context(demos, adapter.n_ctx, demonstration_token_counter(spec, tok), budget)
-    if fit.k_effective == 0:
+    if fit.k_effective == 0:  # every drawn demonstration is too long even alone
+        longest = max(n for _, n in fit.skipped)
         raise ValueError(
-            f"not one demonstration fits the model's context of {adapter.n_ctx} tokens next "
-            f"to the longest query ({budget} tokens): shorten the queries"
+            f"none of the {len(demos)} demonstrations fits the model's context of "
+            f"{adapter.n_ctx} tokens next to the longest query ({budget} tokens): each "
+            f"has more than {adapter.n_ctx - budget} tokens (up to {longest}); use shorter "
+            "texts or a model with a longer context"
         )
     if fit.n_dropped:
         warnings.warn(
@@ -161,6 +189,7 @@ def compare(
             stacklevel=2,
         )
     prompt = task_prompt(tok, spec, fit.demonstrations, validation[0], n_ctx=adapter.n_ctx)
+    _check_finite_logits(adapter, prompt)
     prefix, bos = prompt.prefix, prompt.prefix[:1]
     queries = [
         torch.tensor(encode(tok, spec.format_query(ex)), dtype=torch.long) for ex in validation

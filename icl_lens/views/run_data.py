@@ -79,6 +79,7 @@ class ViewData:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ViewData:
+        _check_view_shape(data)
         att = data.get("attention")
         heads = data.get("heads")
         labels = data.get("labels")
@@ -109,6 +110,48 @@ class ViewData:
         if self.attention is not None:
             parts.append(self.attention.view())
         return View(*parts)
+
+
+VIEW_KEYS = {
+    "meta_gradients": ("layer", "head", "position", "tokens", "is_demo", "values"),
+    "attention": ("layer", "heads", "tokens", "patterns"),
+    "heads": ("layer", "head"),
+}
+"""Keys every entry of a views.json section must have."""
+
+
+def _require_keys(entry: Any, keys: Sequence[str], where: str) -> None:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise ValueError(f"{where} has no {', '.join(map(repr, missing))}")
+
+
+def _check_view_shape(data: Any) -> None:
+    """Refuse view data of the wrong shape naming the entry, instead of a bare KeyError
+    from deep in the report."""
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f"expected an object with {', '.join(VIEW_KEYS)}, got {type(data).__name__}"
+        )
+    entries = data.get("meta_gradients", [])
+    if not isinstance(entries, list):
+        raise ValueError(f"meta_gradients must be a list, got {type(entries).__name__}")
+    for i, entry in enumerate(entries):
+        _require_keys(entry, VIEW_KEYS["meta_gradients"], f"meta_gradients[{i}]")
+    for section in ("attention", "heads"):
+        if data.get(section) is not None:
+            _require_keys(data[section], VIEW_KEYS[section], section)
+    heads = data.get("heads")
+    if (
+        heads is not None
+        and len({len(v) if isinstance(v, list) else -1 for v in heads.values()}) > 1
+    ):
+        raise ValueError("heads must hold lists of one length (one entry per layer and head)")
+    for section, kind, name in (("labels", list, "a list"), ("info", dict, "an object")):
+        if data.get(section) is not None and not isinstance(data[section], kind):
+            raise ValueError(f"{section} must be {name}, got {type(data[section]).__name__}")
 
 
 def _label_info(model, spec) -> tuple[tuple[int, int] | None, tuple[str, ...] | None]:
@@ -289,6 +332,9 @@ def load_run(directory: str | os.PathLike) -> RunData:
     if (directory / VIEWS_FILE).is_file():
         try:
             views = ViewData.load(directory)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{directory / VIEWS_FILE} is not valid view data: {err}") from err
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"{directory / VIEWS_FILE} is not valid view data ({err}); write it again "
+                "with `icl-lens run`, or delete it to report without the per-token panels"
+            ) from err
     return RunData(results=results, metrics=frame, views=views, source=str(directory))
