@@ -36,6 +36,10 @@ def model():
     return make_model("gpt2", n_layers=1)[0]
 
 
+def prompt_of(model):
+    return il.build_prompt(model.tokenizer, ["Sentence: w1 Label: good"], "Sentence: w2")
+
+
 @pytest.fixture(scope="module")
 def prompt():
     return il.build_prompt(make_tokenizer(), ["Sentence: w1 Label: good"], "Sentence: w2 Label:")
@@ -55,7 +59,9 @@ def test_a_prompt_from_another_tokenizer_is_refused(model):
     assert foreign.tokens.max() < VOCAB_SIZE  # in range: only the fingerprint catches it
     with pytest.raises(ValueError, match="another tokenizer than this model's"):
         il.decompose(model, foreign)
-    with pytest.raises(ValueError, match="prompt 0 was built with another tokenizer"):
+    with pytest.raises(ValueError, match="prompt 1 was built with another tokenizer"):
+        il.predict(model, [prompt_of(model), foreign], SPEC)
+    with pytest.raises(ValueError, match="the prompt was built with another tokenizer"):
         il.predict(model, [foreign], SPEC)
 
 

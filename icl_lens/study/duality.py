@@ -36,7 +36,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from icl_lens.analyses import with_head_labels
-from icl_lens.data.prompts import Prompt, check_prompt
+from icl_lens.data.prompts import Prompt, check_prompts
 from icl_lens.hooks.capture import Capture
 from icl_lens.model.adapter import adapt
 
@@ -296,7 +296,7 @@ def decompose(
     matrices W_ZSL (per position) and dW_ICL.
     """
     adapter = adapt(model)
-    check_prompt(prompt, getattr(model, "tokenizer", None))
+    check_prompts([prompt], getattr(model, "tokenizer", None))
     adapter.check_token_ids(prompt.tokens, "the prompt")
     if label_tokens is not None:
         label_tokens = _check_label_tokens(label_tokens, adapter.d_vocab)

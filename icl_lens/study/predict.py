@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from icl_lens.data.prompts import Prompt, check_prompt
+from icl_lens.data.prompts import Prompt, check_prompts
 from icl_lens.data.tasks import TaskSpec, check_label_words
 from icl_lens.hooks.prefix import PrefixRunner
 from icl_lens.model.adapter import adapt
@@ -206,8 +206,7 @@ def predict(
         prompts = [prompts]
     if not prompts:
         raise ValueError("predict needs at least one prompt")
-    for i, p in enumerate(prompts):
-        check_prompt(p, getattr(model, "tokenizer", None), where=f"prompt {i}")
+    check_prompts(prompts, getattr(model, "tokenizer", None))
     labels = label_tokens(model.tokenizer, spec)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, p in enumerate(prompts):
