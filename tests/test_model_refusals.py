@@ -99,3 +99,8 @@ def test_typo_suggestion_and_hub_ids(tmp_path, monkeypatch):
         check_local_source("model.safetensors")
     assert not looks_like_path("EleutherAI/pythia-70m") and not looks_like_path("gpt2")
     check_local_source("EleutherAI/pythia-70m")  # a hub id: left to the hub
+
+
+def test_a_tokenizer_for_a_hub_model_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="loaded from the hub with its own tokenizer"):
+        il.load_model("gpt2", tokenizer=make_tokenizer())

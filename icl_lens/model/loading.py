@@ -54,6 +54,24 @@ def _prepare_tokenizer(tokenizer, name: str):
     return tokenizer
 
 
+def _checked_source(source, tokenizer):
+    """``(source, tokenizer)`` after refusing a local path that does not exist (never
+    sent to the hub) and a tokenizer for a hub model; a directory comes back as a
+    ``Path`` (``~`` expanded), a tokenizer given by name or directory loaded."""
+    if isinstance(source, str | Path):
+        check_local_source(source)
+        if Path(source).expanduser().is_dir():
+            source = Path(source).expanduser()
+        elif tokenizer is not None and not Path(source).expanduser().exists():
+            raise ValueError(
+                f"{str(source)!r} is loaded from the hub with its own tokenizer; tokenizer= "
+                "applies to a local directory or an in-memory model"
+            )
+    if isinstance(tokenizer, str | Path):
+        tokenizer = _tokenizer_from(tokenizer)
+    return source, tokenizer
+
+
 def _tokenizer_from(name_or_dir: str | Path):
     """A tokenizer given by hub name or directory (``--tokenizer``)."""
     from transformers import AutoTokenizer
@@ -132,11 +150,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     line = installed_line() if line == "auto" else line
-    if isinstance(source, str | Path):
-        check_local_source(source)
-        source = Path(source).expanduser() if Path(source).expanduser().is_dir() else source
-    if isinstance(tokenizer, str | Path):
-        tokenizer = _tokenizer_from(tokenizer)
+    source, tokenizer = _checked_source(source, tokenizer)
     if isinstance(source, str | Path) and not Path(source).is_dir():
         name = str(source)
         if line == "bridge":
