@@ -1,7 +1,9 @@
 """Load a model as a TransformerLens hooked model, on whichever line is installed.
 
-Three sources: a hub name (needs network), a local Hugging Face directory, or an
-in-memory transformers model with its tokenizer. Weights are loaded without
+Four sources: a hub name (needs network), a local Hugging Face directory, a GGUF
+checkpoint (a ``.gguf`` file, a folder holding one, or a list of chunks; converted once and
+cached by :mod:`icl_lens.model.gguf`), or an in-memory transformers model with its
+tokenizer. Weights are loaded without
 TransformerLens's weight processing, so hook values equal the transformers model's:
 in particular value biases stay in ``v`` (not folded into ``b_O``), which the duality
 decomposition reads.
@@ -20,6 +22,7 @@ from typing import Literal
 import torch
 
 from icl_lens.model.adapter import adapt
+from icl_lens.model.gguf import converted_dir, gguf_files
 from icl_lens.model.validation import (
     check_causal_decoder,
     check_local_source,
@@ -94,6 +97,12 @@ def _check_model_directory(directory: Path, *, need_tokenizer: bool) -> None:
         check_tokenizer_files(directory)
 
 
+def _tl_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformer-lens")
+
+
 def _hooked_from_hf(hf_model, tokenizer, device, dtype):
     """TransformerLens 3.x: convert an in-memory transformers model offline."""
     import transformer_lens.loading_from_pretrained as loading
@@ -105,7 +114,14 @@ def _hooked_from_hf(hf_model, tokenizer, device, dtype):
         config.setdefault("n_ctx", config["n_positions"])
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
-        cfg_dict = loading.convert_hf_model_config(tmp)
+        try:
+            cfg_dict = loading.convert_hf_model_config(tmp)
+        except NotImplementedError as err:
+            raise ValueError(
+                f"TransformerLens {_tl_version()} (HookedTransformer) cannot convert "
+                f"{config['architectures'][0]} from a local or in-memory model ({err}); "
+                "TransformerLens 4 can: pip install 'transformer-lens>=4'"
+            ) from err
         fields = HookedTransformerConfig.__dataclass_fields__
         cfg = HookedTransformerConfig(
             **{k: v for k, v in cfg_dict.items() if k in fields}, device=device, dtype=dtype
@@ -131,8 +147,8 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ):
-    """A TransformerLens hooked model from a hub name, a local directory or a
-    transformers model, in eval mode.
+    """A TransformerLens hooked model from a hub name, a local directory, a GGUF
+    checkpoint or a transformers model, in eval mode.
 
     ``line="auto"`` uses TransformerBridge on TransformerLens 4.x and HookedTransformer
     on 3.x. ``tokenizer`` (a tokenizer, or a hub name / directory to load one from)
@@ -143,13 +159,21 @@ def load_model(
     damaged ``*.safetensors`` file, a directory without a tokenizer, and a tokenizer
     whose size does not fit the model's embedding table.
 
+    A GGUF source (a ``.gguf`` file, a folder holding one, or a list of chunk files in
+    order) is dequantised once to float32 and cached as a Hugging Face directory (see
+    :mod:`icl_lens.model.gguf`), which is then checked and loaded like any other;
+    ``dtype`` applies when that directory is loaded.
+
     >>> model = load_model("gpt2")                           # doctest: +SKIP
     >>> model = load_model("path/to/checkpoint_dir")         # doctest: +SKIP
+    >>> model = load_model("path/to/model.gguf")             # doctest: +SKIP
     >>> model = load_model(hf_model, tokenizer=hf_tokenizer) # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     line = installed_line() if line == "auto" else line
+    if gguf_files(source) is not None:
+        source = converted_dir(source)
     source, tokenizer = _checked_source(source, tokenizer)
     if isinstance(source, str | Path) and not Path(source).is_dir():
         name = str(source)
