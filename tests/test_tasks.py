@@ -147,7 +147,7 @@ def offline_datasets():
 def test_offline_hub_error_is_clear_and_fast(offline_datasets):
     t0 = time.monotonic()
     with pytest.raises(TaskLoadError) as info:
-        load_task("sst2")
+        load_task("sst2", source="hub")  # "auto" would fall back to StaICC's copy
     assert time.monotonic() - t0 < 20
     msg = str(info.value)
     assert "icl-lens run --task path/to/sst2.jsonl" in msg

