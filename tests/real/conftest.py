@@ -9,6 +9,9 @@ loader raise ``ImportError`` / ``TaskLoadError`` naming the pip command.
 Fixtures: ``gemma3_chunks`` (the four GGUF chunk paths, in order) and ``gemma3`` (the
 TransformerLens model of the real 270M, float32, loaded through ``il.load_model`` and its
 GGUF cache; session-scoped: load once, share, do not modify it in place).
+
+tests/ has no ``__init__.py``: a test file here needs a name no other test file under
+tests/ has (hence ``test_real_*``).
 """
 
 from __future__ import annotations
