@@ -124,7 +124,7 @@ def test_errors_are_one_clear_line(files, tmp_path, capsys, uninterrupted):
     err = capsys.readouterr().err
     assert "error: k=40 demonstrations requested" in err and "Traceback" not in err
 
-    hub = args(files, tmp_path / "b")
+    hub = args(files, tmp_path / "b", "--data-source", "hub")  # no StaICC fallback
     hub[hub.index("--task") + 1] = "sst2"
     assert main(hub) == 2
     assert "Pass a local file instead" in capsys.readouterr().err

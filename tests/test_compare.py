@@ -283,5 +283,6 @@ def test_more_shots_than_train_examples(gpt2, task):
 
 
 def test_a_hub_task_offline_says_how_to_pass_a_local_file(gpt2):
+    # cb: the one paper task without an offline copy to fall back to (StaICC)
     with pytest.raises(TaskLoadError, match="Pass a local file instead"):
-        il.compare(gpt2, "sst2", shots=2, lr_grid=[0.1], progress=False)
+        il.compare(gpt2, "cb", shots=2, lr_grid=[0.1], progress=False)
