@@ -3,10 +3,9 @@
 Four sources: a hub name (needs network), a local Hugging Face directory, a GGUF
 checkpoint (a ``.gguf`` file, a folder holding one, or a list of chunks; converted once and
 cached by :mod:`icl_lens.model.gguf`), or an in-memory transformers model with its
-tokenizer. Weights are loaded without
-TransformerLens's weight processing, so hook values equal the transformers model's:
-in particular value biases stay in ``v`` (not folded into ``b_O``), which the duality
-decomposition reads.
+tokenizer. Weights are loaded without TransformerLens's weight processing, so hook values
+equal the transformers model's: in particular value biases stay in ``v`` (not folded into
+``b_O``), which the duality decomposition reads.
 
 >>> import icl_lens as il
 >>> model = il.load_model(il.toy_model_dir())          # doctest: +SKIP
