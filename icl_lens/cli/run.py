@@ -18,6 +18,7 @@ interruption continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import warnings
@@ -30,6 +31,7 @@ from icl_lens.data.local_files import HOLDOUT_SEED, VALIDATION_FRACTION
 from icl_lens.errors import UserError
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 DESCRIPTION = """\
 Compare zero-shot (ZSL), in-context (ICL) and finetuned (FT: K/V-only SGD on the same
@@ -123,9 +125,60 @@ def register(subparsers) -> None:
     )
     p.add_argument("--no-control", action="store_true", help="skip the untrained-weights control")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
+    p.add_argument(
+        "--device-map",
+        type=device_map_arg,
+        default=None,
+        help="spread the layers over devices: auto, balanced, sequential or a JSON object "
+        "module -> device (accelerate's device_map); instead of --device",
+    )
+    p.add_argument(
+        "--n-devices", type=int, default=None, help="split the model over this many GPUs"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="weights' dtype (default float32; FT keeps float32 copies of the K/V it trains)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     p.set_defaults(func=run)
+
+
+def device_map_arg(text: str) -> str | dict:
+    """``--device-map``: a name accelerate knows, or a JSON object module -> device."""
+    if text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {err}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError("a device map is a JSON object module -> device")
+        return value
+    if text not in DEVICE_MAP_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use {', '.join(DEVICE_MAP_NAMES)} or a JSON object module -> device"
+        )
+    return text
+
+
+def load_run_model(args):
+    """The model ``args`` name, placed and typed as asked (``UserError`` if it cannot)."""
+    from icl_lens.model.loading import load_model
+
+    try:
+        return load_model(
+            model_argument(args.model),
+            tokenizer=args.tokenizer,
+            device=args.device,
+            dtype=args.dtype,
+            device_map=args.device_map,
+            n_devices=args.n_devices,
+        )
+    except (OSError, ImportError, *USER_ERRORS) as err:
+        shown = args.model[0] + (f" (+{len(args.model) - 1} chunks)" if len(args.model) > 1 else "")
+        raise UserError(f"could not load model {shown}: {err}") from err
 
 
 def format_table(cmp) -> str:
@@ -234,16 +287,17 @@ def _held_out_note(task) -> str | None:
     return f"note: {task.info['validation_split']} (--validation-fraction)"
 
 
-def run(args) -> int:
-    """Check the arguments and the output directory, then run with ``--out`` locked."""
+def run(args, *, model=None) -> int:
+    """Check the arguments and the output directory, then run with ``--out`` locked.
+    ``model``: the model ``args.model`` names, already loaded by :func:`load_run_model`
+    (a sweep worker reuses it across cells)."""
     check_arguments(args)
     with claim_output_directory(args.out):
-        return _run(args)
+        return _run(args, model)
 
 
-def _run(args) -> int:
+def _run(args, model=None) -> int:
     from icl_lens.data.task_sources import TaskLoadError, load_task
-    from icl_lens.model.loading import load_model
     from icl_lens.study.compare import compare
     from icl_lens.views.run_data import save_views
 
@@ -266,11 +320,8 @@ def _run(args) -> int:
     note = describe_task_source(task) if task.source != "file" else _held_out_note(task)
     if not args.quiet and note:
         print(note, file=sys.stderr)
-    try:
-        model = load_model(model_argument(args.model), tokenizer=args.tokenizer, device=args.device)
-    except (OSError, ImportError, *USER_ERRORS) as err:
-        shown = args.model[0] + (f" (+{len(args.model) - 1} chunks)" if len(args.model) > 1 else "")
-        raise UserError(f"could not load model {shown}: {err}") from err
+    if model is None:
+        model = load_run_model(args)
     with warnings.catch_warnings():
         if args.quiet:
             warnings.simplefilter("ignore")

@@ -7,6 +7,11 @@ tokenizer. Weights are loaded without TransformerLens's weight processing, so ho
 equal the transformers model's: in particular value biases stay in ``v`` (not folded into
 ``b_O``), which the duality decomposition reads.
 
+Placement beyond one device is passed through, not reimplemented: ``device_map``,
+``n_devices`` and ``max_memory`` go to ``TransformerBridge.boot_transformers`` for a hub
+name and to ``from_pretrained`` for a local directory (accelerate places the layers);
+TransformerLens 3.x takes ``n_devices`` only. ``dtype`` may be a name ("bfloat16").
+
 >>> import icl_lens as il
 >>> model = il.load_model(il.toy_model_dir())          # doctest: +SKIP
 """
@@ -31,6 +36,41 @@ from icl_lens.model.validation import (
 )
 
 LineChoice = Literal["auto", "bridge", "hooked"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes a model can be loaded in, by name (``--dtype``)."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``torch.bfloat16`` from ``"bfloat16"`` (or a dtype as it is).
+
+    >>> resolve_dtype("bfloat16")
+    torch.bfloat16
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _placement(line: str, device_map, n_devices, max_memory) -> dict:
+    """The placement arguments for ``from_pretrained`` / ``boot_transformers`` (empty for
+    one device); ``n_devices`` becomes a balanced ``device_map`` with memory budgets as
+    the bridge does it."""
+    if device_map is None and n_devices is None and max_memory is None:
+        return {}
+    if line == "hooked":
+        if device_map is not None or max_memory is not None:
+            raise ValueError(
+                "device_map and max_memory need TransformerLens 4 (TransformerBridge); "
+                "on TransformerLens 3.x split a model with n_devices"
+            )
+        return {}
+    from transformer_lens.utilities.multi_gpu import resolve_device_map
+
+    device_map, max_memory = resolve_device_map(n_devices, device_map, None, max_memory)
+    out = {"device_map": device_map} if device_map is not None else {}
+    return out | ({"max_memory": max_memory} if max_memory is not None else {})
 
 
 def installed_line() -> Literal["bridge", "hooked"]:
@@ -102,7 +142,7 @@ def _tl_version() -> str:
     return version("transformer-lens")
 
 
-def _hooked_from_hf(hf_model, tokenizer, device, dtype):
+def _hooked_from_hf(hf_model, tokenizer, device, dtype, n_devices=1):
     """TransformerLens 3.x: convert an in-memory transformers model offline."""
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -123,7 +163,10 @@ def _hooked_from_hf(hf_model, tokenizer, device, dtype):
             ) from err
         fields = HookedTransformerConfig.__dataclass_fields__
         cfg = HookedTransformerConfig(
-            **{k: v for k, v in cfg_dict.items() if k in fields}, device=device, dtype=dtype
+            **{k: v for k, v in cfg_dict.items() if k in fields},
+            device=device,
+            dtype=dtype,
+            n_devices=n_devices,
         )
         state_dict = loading.get_pretrained_state_dict(tmp, cfg, hf_model=hf_model)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
@@ -135,6 +178,9 @@ def _hooked_from_hf(hf_model, tokenizer, device, dtype):
         fold_value_biases=False,
         refactor_factored_attn_matrices=False,
     )
+    if n_devices > 1:
+        model.move_model_modules_to_device()
+        return model
     return model.to(device)
 
 
@@ -143,8 +189,11 @@ def load_model(
     tokenizer=None,
     *,
     line: LineChoice = "auto",
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
+    max_memory: dict | None = None,
 ):
     """A TransformerLens hooked model from a hub name, a local directory, a GGUF
     checkpoint or a transformers model, in eval mode.
@@ -163,10 +212,17 @@ def load_model(
     :mod:`icl_lens.model.gguf`), which is then checked and loaded like any other;
     ``dtype`` applies when that directory is loaded.
 
+    ``device`` (default cpu) or, to spread the layers over several devices,
+    ``device_map`` ("auto", "balanced" or a module -> device dict), ``n_devices`` (CUDA
+    devices, balanced) and ``max_memory`` (per-device budgets). An in-memory model keeps
+    the placement it has (load it with ``from_pretrained(..., device_map=...)``).
+
     >>> model = load_model("gpt2")                           # doctest: +SKIP
     >>> model = load_model("path/to/checkpoint_dir")         # doctest: +SKIP
     >>> model = load_model("path/to/model.gguf")             # doctest: +SKIP
     >>> model = load_model(hf_model, tokenizer=hf_tokenizer) # doctest: +SKIP
+    >>> model = load_model("google/gemma-3-1b-pt", device_map="auto",
+    ...                    dtype="bfloat16")                 # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -174,17 +230,25 @@ def load_model(
     if gguf_files(source) is not None:
         source = converted_dir(source)
     source, tokenizer = _checked_source(source, tokenizer)
+    dtype = resolve_dtype(dtype)
+    placement = _placement(line, device_map, n_devices, max_memory)
+    if placement and device is not None:
+        raise ValueError("pass either device or device_map / n_devices / max_memory, not both")
+    split = (n_devices or 1) > 1  # TransformerLens 3 splits over cuda:0..n-1 itself
+    device = None if placement else (device or ("cuda" if split else "cpu"))
     if isinstance(source, str | Path) and not Path(source).is_dir():
         name = str(source)
         if line == "bridge":
             from transformer_lens.model_bridge import TransformerBridge
 
-            model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+            model = TransformerBridge.boot_transformers(
+                name, device=device, dtype=dtype, **placement
+            )
         else:
             from transformer_lens import HookedTransformer
 
             model = HookedTransformer.from_pretrained_no_processing(
-                name, device=device, dtype=dtype
+                name, device=device, dtype=dtype, n_devices=n_devices or 1
             )
         model.eval()
         adapt(model)
@@ -198,7 +262,7 @@ def load_model(
                 "(save_pretrained output) or a hub name"
             )
         _check_model_directory(directory, need_tokenizer=tokenizer is None)
-        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **placement)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(directory, add_bos_token=True)
         name = str(directory)
@@ -208,9 +272,18 @@ def load_model(
             raise ValueError("an in-memory model needs its tokenizer: load_model(m, tokenizer=tok)")
         name = getattr(hf_model, "name_or_path", "") or type(hf_model).__name__
         check_causal_decoder(hf_model.config, architecture=type(hf_model).__name__)
+        if placement:
+            raise ValueError(
+                "an in-memory model keeps its own placement: load it with "
+                "from_pretrained(..., device_map=...) and pass it, or pass a directory"
+            )
     check_tokenizer_fits(tokenizer, hf_model, where=name)
     tokenizer = _prepare_tokenizer(tokenizer, name)
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    if getattr(hf_model, "hf_device_map", None):  # placed by accelerate: keep it there
+        device = None
+        hf_model = hf_model.eval()
+    else:
+        hf_model = hf_model.to(device=device, dtype=dtype).eval()
     if line == "bridge":
         from transformer_lens.model_bridge import TransformerBridge
 
@@ -219,7 +292,7 @@ def load_model(
             f"local/{Path(name).name or 'model'}", hf_model=hf_model, tokenizer=tokenizer
         )
     else:
-        model = _hooked_from_hf(hf_model, tokenizer, device, dtype)
+        model = _hooked_from_hf(hf_model, tokenizer, device, dtype, n_devices or 1)
     model.eval()
     adapt(model)
     return model
