@@ -75,11 +75,11 @@ class KVTaps:
 
     def step_record(self, lr: float) -> tuple[Tensor, Tensor, Tensor]:
         n, kv, d = self.adapter.n_layers, self.adapter.n_kv_heads, self.adapter.d_head
-        inputs = torch.stack([self.inputs[la][0] for la in range(n)]).cpu()
+        inputs = torch.stack([self.inputs[la][0].cpu() for la in range(n)])
         errs = []
         for what in ("k", "v"):
-            g = [self.grads[what, la][0].reshape(-1, kv, d) for la in range(n)]
-            errs.append((-lr * torch.stack(g)).cpu())
+            g = [self.grads[what, la][0].reshape(-1, kv, d).cpu() for la in range(n)]
+            errs.append(-lr * torch.stack(g))
         return inputs, errs[0], errs[1]
 
 
@@ -96,4 +96,4 @@ def kv_inputs(model, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "layer pos d_
     taps = KVTaps(adapter, model)
     with adapter.inference(), taps:
         adapter.forward(tokens[None].long().to(adapter.device), fwd_hooks=taps.hooks())
-    return torch.stack([taps.inputs[layer][0] for layer in range(adapter.n_layers)]).cpu()
+    return torch.stack([taps.inputs[layer][0].cpu() for layer in range(adapter.n_layers)])

@@ -329,7 +329,7 @@ def decompose(
         with adapter.model.hooks(fwd_hooks=hooks_extra):
             capture.run(tokens, positions=pos[None].to(adapter.device))
     g = adapter.group_size
-    v_ = capture.values
+    v_ = {key: x.float().cpu() for key, x in capture.values.items()}  # layers' devices -> cpu
     q = torch.stack([v_["q", layer][0] for layer in layers]).transpose(1, 2)  # l h n d
     k = torch.stack([v_["k", layer][0] for layer in layers]).transpose(1, 2)  # l kv p d
     v = torch.stack([v_["v", layer][0] for layer in layers]).transpose(1, 2)
@@ -337,7 +337,6 @@ def decompose(
     z = torch.stack([v_["z", layer][0] for layer in layers]).transpose(1, 2)
     pattern = torch.stack([v_["pattern", layer][0] for layer in layers]).transpose(1, 2)
     attn_out = torch.stack([v_["attn_out", layer][0] for layer in layers])
-    q, k, v, z, pattern = (x.float().cpu() for x in (q, k, v, z, pattern))
 
     causal = torch.arange(prompt.n_tokens)[None, :] <= pos[:, None]  # n_pos pos
     key_dot_query = torch.einsum("lhnd,lhpd->lhnp", q, k) * causal
@@ -350,8 +349,8 @@ def decompose(
     if matrices:
         dW_ICL = einops.einsum(v[:, :, demo], k[:, :, demo], "l h p a, l h p b -> l h a b")
         W_ZSL = einops.einsum(v, k, query_side.float(), "l h p a, l h p b, n p -> l h n a b")
-    W_O = torch.stack([adapter.W_O(layer) for layer in layers]).float().cpu()
-    b_O = torch.stack([adapter.b_O(layer) for layer in layers]).float().cpu()
+    W_O = torch.stack([adapter.W_O(layer).float().cpu() for layer in layers])
+    b_O = torch.stack([adapter.b_O(layer).float().cpu() for layer in layers])
     direction = None
     if label_tokens is not None:
         d = _label_direction(adapter, label_tokens, scales["s"]).float().cpu()

@@ -10,6 +10,9 @@ by validation accuracy from a grid (:data:`PAPER_LR_GRID` by default).
 
 Dropout is off during training (the model is put in eval mode), so a run is
 deterministic; the caller's model is never touched (its weights stay bitwise equal).
+In a half-precision model (bfloat16 / float16) the K/V weights are trained as float32
+copies (the update lr * grad is often below half precision's resolution and would round
+away) and written back, rounded, after each step.
 
 Just before each update the query vectors of every training token are recorded (the
 FT model's "attention to training tokens" of the Kendall comparison is the dot product
@@ -186,7 +189,13 @@ def _finite(params: list[Tensor]) -> bool:
     (K/V weights can be strided views), one sync. ``isfinite(p).all()`` wrote temporaries
     in five passes and cost ~15% of a GPT-2-small step."""
     extremes = [torch.stack((p.detach().amin(), p.detach().amax())) for p in params if p.numel()]
-    return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
+    if not extremes:
+        return True
+    device = extremes[0].device  # layers may live on several devices
+    return bool(torch.isfinite(torch.cat([e.to(device) for e in extremes])).all())
+
+
+HALF = (torch.float16, torch.bfloat16)
 
 
 def finetune(
@@ -220,6 +229,8 @@ def finetune(
     names = [n.rsplit(".", 1)[-1].lstrip("_") for n, _ in adapter.kv_parameters(ft_model)]
     kv_bias = any(n in ("bias", "b_K", "b_V") for n in names)
     ft_model.eval()  # dropout off: deterministic updates
+    # float32 copies of half-precision K/V: the SGD update accumulates there
+    masters = [p.detach().float() if p.dtype in HALF else None for p in params]
 
     capture = Capture(ft, what={"q"}) if record_queries else None
     losses, steps, diverged_at = [], [], None
@@ -238,7 +249,8 @@ def finetune(
             logits = ft.forward(tokens, fwd_hooks=hooks)
             if capture:
                 capture._finish_rotary(None)
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[0, 1:])
+            targets = tokens[0, 1:].to(logits.device)  # the last layer's device
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 losses.append(loss_value)
@@ -253,11 +265,14 @@ def finetune(
         if taps:
             step.inputs, step.key_errors, step.value_errors = taps.step_record(lr)
         with torch.no_grad():  # plain SGD: no momentum, no weight decay
-            for p in params:
-                p.sub_(p.grad * lr)  # overflow gives inf (-> diverged), not an error
+            for p, master in zip(params, masters, strict=True):
+                if master is None:
+                    p.sub_(p.grad * lr)  # overflow gives inf (-> diverged), not an error
+                else:
+                    p.copy_(master.sub_(p.grad.float() * lr))
         losses.append(loss_value)
         steps.append(step)
-        if not _finite(params):
+        if not _finite([m if m is not None else p for p, m in zip(params, masters, strict=True)]):
             diverged_at = i
             break
     for p in ft_model.parameters():
