@@ -25,6 +25,7 @@ from icl_lens.files import OutputPathError
 SUBCOMMANDS: dict[str, str] = {
     "demo": "icl_lens.cli.demo",
     "run": "icl_lens.cli.run",
+    "sweep": "icl_lens.cli.sweep",
     "bench": "icl_lens.cli.bench",
     "report": "icl_lens.cli.report",
     "momentum": "icl_lens.cli.momentum",

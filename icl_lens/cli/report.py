@@ -1,4 +1,5 @@
-"""``icl-lens report DIR``: one self-contained offline HTML page for a run directory.
+"""``icl-lens report DIR``: one self-contained offline HTML page for a run directory, or
+for a sweep directory (the paper's table across its cells).
 
 >>> report_main(["runs/toy"])  # doctest: +SKIP
 0
@@ -7,8 +8,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from icl_lens.errors import UserError
 from icl_lens.files import OutputPathError
@@ -17,7 +20,9 @@ from icl_lens.views.report import write_report
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "dir", metavar="DIR", help="run directory (results.json, metrics.csv, views.json)"
+        "dir",
+        metavar="DIR",
+        help="run directory (results.json, metrics.csv, views.json) or sweep directory",
     )
     parser.add_argument(
         "--out", metavar="PATH", help="where to write the page (default DIR/report.html)"
@@ -25,9 +30,25 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", help="page title (default: from the run's task)")
 
 
+def _write_sweep_report(args: argparse.Namespace) -> Path:
+    """A sweep directory: its tables (rebuilt from the cells if missing), then its page."""
+    from icl_lens.sweep.grid import Cell
+    from icl_lens.sweep.tables import write_tables
+    from icl_lens.views.sweep_report import write_sweep_report
+
+    root = Path(args.dir)
+    if not (root / "aggregate.parquet").exists():
+        grid = json.loads((root / "sweep.json").read_text())
+        write_tables(root, [Cell.from_dict(c) for c in grid["cells"]])
+    return write_sweep_report(root, args.out, title=args.title)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
-        path = write_report(args.dir, args.out, title=args.title)
+        if (Path(args.dir) / "sweep.json").exists():
+            path = _write_sweep_report(args)
+        else:
+            path = write_report(args.dir, args.out, title=args.title)
     except (FileNotFoundError, ValueError, OutputPathError) as err:
         raise UserError(str(err)) from err
     print(f"wrote {path}")

@@ -18,6 +18,7 @@ True
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -29,10 +30,12 @@ import numpy as np
 import pandas as pd
 
 from icl_lens.analyses import ALL, FRAME_COLUMNS, OBSERVED, with_head_labels
-from icl_lens.study.checkpoint import atomic_write_text
+from icl_lens.study.checkpoint import atomic_write_bytes, atomic_write_text
 
-__all__ = ["PAPER_VARIANT", "Comparison"]
+__all__ = ["ACCURACY", "PAPER_VARIANT", "Comparison"]
 
+ACCURACY = "accuracy"
+"""``metric`` of the accuracy rows of :meth:`Comparison.accuracy_frame`."""
 PAPER_VARIANT = {"rec2ftp": "paper", "simaou": "normalised", "simam": "after", "kendall": "tau_b"}
 """The variant each metric reports as its ``value`` (the paper's definition)."""
 
@@ -222,6 +225,52 @@ class Comparison:
         """The tidy metric frame as CSV (the analyses columns; :meth:`metrics` and the
         report add ``head_label``), written atomically."""
         return atomic_write_text(path, self.frame.to_csv(index=False))
+
+    def accuracy_frame(self) -> pd.DataFrame:
+        """ZSL / ICL / FT accuracy as rows of the metric frame: ``metric == "accuracy"``,
+        ``variant`` the setting, ``baseline`` none (or untrained_weights: the control)."""
+        from icl_lens.study.measure import CONTROL
+
+        n = int(self.info.get("n_queries", 0))
+        rows = [(s, OBSERVED, v) for s, v in self.accuracy.items()]
+        rows += [(s, CONTROL, v) for s, v in ((self.control or {}).get("accuracy") or {}).items()]
+        return pd.DataFrame(
+            [(ACCURACY, s, b, ALL, ALL, _num(v), np.nan, np.nan, n, 0) for s, b, v in rows],
+            columns=list(FRAME_COLUMNS),
+        )
+
+    def labelled_frame(self, labels: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Accuracy rows, then the metric frame, with a constant column per label
+        (``{"model": "gpt2", "seed": 1}``) in front: a sweep stacks its cells so."""
+        labels = labels or {}
+        clash = sorted(set(labels) & set(FRAME_COLUMNS))
+        if clash:
+            raise ValueError(f"labels {clash} are columns of the metric frame already")
+        frame = pd.concat(
+            [self.accuracy_frame(), self.frame[list(FRAME_COLUMNS)]], ignore_index=True
+        )
+        for i, (name, value) in enumerate(labels.items()):
+            frame.insert(i, name, [value] * len(frame))
+        return frame
+
+    def to_parquet(self, path: str | os.PathLike, *, labels: dict[str, Any] | None = None) -> Path:
+        """:meth:`labelled_frame` as Parquet, written atomically.
+
+        >>> c.to_parquet(tmp / "sst2.parquet", labels={"model": "gpt2"})  # doctest: +SKIP
+        """
+        buffer = io.BytesIO()
+        self.labelled_frame(labels).to_parquet(buffer, index=False)
+        return atomic_write_bytes(path, buffer.getvalue())
+
+    def to_dataset(self, *, labels: dict[str, Any] | None = None):
+        """:meth:`labelled_frame` as a ``datasets.Dataset``.
+
+        >>> c.to_dataset().column_names[:3]                 # doctest: +SKIP
+        ['metric', 'variant', 'baseline']
+        """
+        from datasets import Dataset
+
+        return Dataset.from_pandas(self.labelled_frame(labels), preserve_index=False)
 
     def __repr__(self) -> str:
         acc = ", ".join(f"{k}={v:.3f}" for k, v in self.accuracy.items())
