@@ -44,7 +44,11 @@ __all__ = ["SEED_KEYS", "Cell", "Grid", "GridError", "run_parser"]
 SEED_KEYS = ("seed", "order_seed")
 """Grid keys that draw demonstration sets and orders: aggregates average over them."""
 SECTIONS = ("run", "grid", "slurm", "local")
-OWNED = {"out": "the sweep names each cell's directory", "help": "not a setting"}
+OWNED = {
+    "out": "the sweep names each cell's directory",
+    "quiet": "give `icl-lens sweep --quiet` instead",
+    "help": "not a setting",
+}
 SLURM_GENERIC = ("timeout_min", "mem_gb", "gpus_per_node", "cpus_per_task", "name")
 LOCAL_KEYS = ("timeout_min", "signal_delay_s", "gpus_per_node", "visible_gpus", "max_num_timeout")
 ONE_TASK = ("nodes", "tasks_per_node", "ntasks_per_node")

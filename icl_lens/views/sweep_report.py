@@ -95,8 +95,8 @@ def _keys(grid: dict[str, Any]) -> list[str]:
 
 
 def paper_table(aggregate: pd.DataFrame, keys: list[str]) -> list[dict[str, Any]]:
-    """One dict per row combination: ``labels`` (its values of ``keys``) and ``cells`` (per column: value,
-    spread, interval, controls), in the order of :data:`COLUMNS`."""
+    """One dict per row combination: ``labels`` (its values of ``keys``) and ``cells``
+    (per column: value, spread, interval, controls), in the order of :data:`COLUMNS`."""
     overall = aggregate[(aggregate["layer"] == -1) & (aggregate["head"] == -1)]
     groups = overall.groupby(keys, sort=False, dropna=False) if keys else [((), overall)]
     rows = []
