@@ -69,3 +69,17 @@ def test_a_mode_and_its_floor_are_timed_in_alternating_rounds(monkeypatch, tmp_p
     runs = bench_module.time_modes(["naive", "capture", "floor"], cfg, tmp_path)
     assert order == ["naive", "capture", "floor", "floor", "capture", "capture", "floor"]
     assert [len(runs[m]) for m in ("naive", "capture", "floor")] == [1, 3, 3]
+
+
+@pytest.mark.slow
+def test_bench_sweep_mode_tiny():
+    """The sweep mode runs both ways and the cells' results are identical; its ratio is
+    the benchmark's to report (docs/performance.md), not this test's."""
+    from icl_lens.bench.sweep_cost import sweep_vs_runs
+
+    cfg = BenchConfig(
+        n_layers=1, d_model=32, n_heads=4, d_vocab=100, k=2, n_queries=3, repeat=1, threads=1
+    )
+    result = sweep_vs_runs(cfg, n_cells=1)
+    assert result["same_results"] is True
+    assert result["sweep_s"] > 0 and result["runs_s"] > 0 and result["sweep_ratio"] > 0

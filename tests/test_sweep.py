@@ -342,6 +342,16 @@ def test_report_on_a_sweep_directory(debug_sweep, tmp_path, capsys):
     assert 'class="key">2</td>' in html and 'class="key">3</td>' in html  # one row per shots
 
 
-def test_launch_names_what_it_needs(tmp_path):
+def test_executors_get_the_grid_tables_and_local_workers_see_the_gpus(tmp_path, monkeypatch):
     with pytest.raises(GridError, match="unknown executor 'cloud'"):
         launch.make_executor("cloud", tmp_path, Grid(run={}, grid={}), None)
+    grid = Grid(run={}, grid={}, local={"timeout_min": 0.5, "signal_delay_s": 3})
+    params = launch.make_executor("local", tmp_path, grid, None).parameters
+    assert params["timeout_min"] == 0.5 and params["signal_delay_s"] == 3
+    assert "gpus_per_node" not in params or params["gpus_per_node"] >= 1
+    # submitit's LocalExecutor would hide every GPU (CUDA_VISIBLE_DEVICES="") by default
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    params = launch.make_executor("local", tmp_path, Grid(run={}, grid={}), None).parameters
+    assert params["gpus_per_node"] == 2 and params["visible_gpus"] == (5, 7)
+    assert params["timeout_min"] == launch.LOCAL_TIMEOUT_MIN  # submitit's default is 2

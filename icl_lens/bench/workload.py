@@ -18,7 +18,15 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["BOS", "PAD", "BenchConfig", "build_model", "synthetic_icl", "write_task_file"]
+__all__ = [
+    "BOS",
+    "PAD",
+    "BenchConfig",
+    "build_hf_model",
+    "build_model",
+    "synthetic_icl",
+    "write_task_file",
+]
 
 SPECIALS = ("<unk>", "<bos>", "<pad>")
 TASK_WORDS = ("Sentence:", "Label:", "Negative", "Positive", "\n")
@@ -95,11 +103,9 @@ def _tokenizer(d_vocab: int):
     )
 
 
-def build_model(cfg: BenchConfig):
-    """A random-init GPT-2 of ``cfg``'s shape as a TransformerLens model (seeded)."""
+def build_hf_model(cfg: BenchConfig):
+    """A random-init transformers GPT-2 of ``cfg``'s shape (seeded) and its tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from icl_lens.model.loading import load_model
 
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"d_model {cfg.d_model} is not a multiple of heads {cfg.n_heads}")
@@ -114,8 +120,15 @@ def build_model(cfg: BenchConfig):
         eos_token_id=BOS,
         pad_token_id=PAD,
     )
-    hf = GPT2LMHeadModel(hf_cfg).eval()
-    return load_model(hf, tokenizer=_tokenizer(cfg.d_vocab))
+    return GPT2LMHeadModel(hf_cfg).eval(), _tokenizer(cfg.d_vocab)
+
+
+def build_model(cfg: BenchConfig):
+    """A random-init GPT-2 of ``cfg``'s shape as a TransformerLens model (seeded)."""
+    from icl_lens.model.loading import load_model
+
+    hf, tokenizer = build_hf_model(cfg)
+    return load_model(hf, tokenizer=tokenizer)
 
 
 def _lengths(g: torch.Generator, n: int, bounds: tuple[int, int]) -> list[int]:

@@ -5,6 +5,7 @@
     icl-lens bench --pipeline           # + ``compare`` against its unavoidable passes
     icl-lens bench --sweep k=4,8,16,32,64 --naive-sample 4    # a scaling table
     icl-lens bench --layers 2 --d-model 64 --heads 4 --vocab 500 -k 4 --queries 8
+    icl-lens bench --sweep-cells 4      # an icl-lens sweep of 4 cells vs 4 icl-lens runs
 
 The model is a random-init GPT-2 (``transformers.GPT2Config``, default 12 layers,
 d_model 768, 12 heads, vocabulary 50257) loaded like any other model
@@ -45,6 +46,11 @@ peak resident memory minus the resident size before it (the model and libraries)
 ``max_abs_diff`` is the largest absolute difference between (a)'s and (b)'s recorded
 values: attention outputs, query vectors, the query-side score rows, the demonstration
 scores (summed over heads) and the class scores.
+
+- ``--sweep-cells N``: (s) ``icl-lens sweep`` of N cells (seeds 1..N, the bench model
+  saved to disk, the synthetic task, the short grid) on one local worker against (r) the
+  same N cells as separate ``icl-lens run`` processes, wall-clock, alternating rounds
+  (:mod:`icl_lens.bench.sweep_cost`); prints ``sweep_ratio`` (s/r) as its JSON.
 
 The last line printed is JSON: ``speedup_vs_naive`` (a/b), ``ratio_to_floor`` (b/c),
 ``max_abs_diff``, ``peak_mem_ratio`` (b/c working memory) and, when run, ``ft_ratio``
@@ -177,6 +183,22 @@ def format_sweep(rows: list[dict], name: str, cfg: BenchConfig) -> str:
     return "\n".join(lines)
 
 
+def format_sweep_cost(r: dict, cfg: BenchConfig) -> str:
+    """(s) the sweep against (r) the separate runs, then the result as JSON."""
+    lines = [
+        f"model: random-init GPT-2, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+        f"{cfg.n_heads} heads, vocab {cfg.d_vocab}; {r['n_cells']} cells (seeds 1..{r['n_cells']}"
+        f"), k={cfg.k}, {cfg.n_queries} queries, lr grid {cfg.lr_grid}, control {cfg.control}; "
+        f"load average {r['load'][0]:.2f} before, {r['load'][1]:.2f} after",
+        f"(s) icl-lens sweep, one local worker  {r['sweep_s']:>8.2f} s   runs {r['all_sweep_s']}",
+        f"(r) {r['n_cells']} icl-lens run processes     {r['runs_s']:>8.2f} s   runs "
+        f"{r['all_runs_s']}",
+        f"sweep_ratio (s/r) {r['sweep_ratio']}; results identical: {r['same_results']}",
+    ]
+    lines.append(json.dumps(r))
+    return "\n".join(lines)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     p.add_argument("--layers", type=int, default=d.n_layers)
@@ -213,6 +235,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="",
         metavar="NAME=V1,V2,...",
         help="a scaling table of (a), (b), (c): k=4,8,16,32,64 or queries=16,32,64,128",
+    )
+    p.add_argument(
+        "--sweep-cells",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time an icl-lens sweep of N cells on one local worker against N icl-lens runs",
     )
     p.add_argument("--only", default="", help="comma-separated modes to run instead")
     p.add_argument("--in-process", action="store_true", help="no subprocesses (memory unusable)")
@@ -255,6 +284,11 @@ def main(args) -> int:
     cfg = config_from_args(args)
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     try:
+        if args.sweep_cells:
+            from icl_lens.bench.sweep_cost import sweep_vs_runs
+
+            print(format_sweep_cost(sweep_vs_runs(cfg, n_cells=args.sweep_cells, log=log), cfg))
+            return 0
         if args.sweep:
             name, _, values = args.sweep.partition("=")
             if name not in SWEEPS or not values:

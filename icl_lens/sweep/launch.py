@@ -29,7 +29,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from icl_lens.files import atomic_write_text
-from icl_lens.sweep.grid import Cell, Grid, GridError
+from icl_lens.sweep.grid import SLURM_GENERIC, Cell, Grid, GridError
 from icl_lens.sweep.tables import write_tables
 from icl_lens.sweep.worker import SweepWorker, cell_directory, read_status
 
@@ -38,7 +38,7 @@ __all__ = ["EXECUTORS", "SweepResult", "active_jobs", "make_executor", "plan_job
 EXECUTORS = ("debug", "local", "slurm")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60
 """submitit's LocalExecutor times a job out after 2 minutes unless told otherwise."""
-POLL_S = {"debug": 0.0, "local": 2.0, "slurm": 20.0}
+POLL_S = {"debug": 0.0, "local": 0.5, "slurm": 20.0}
 ACTIVE_SLURM = {"RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING"}
 
 
@@ -76,28 +76,47 @@ def plan_jobs(cells: Sequence[Cell], n_jobs: int) -> list[list[Cell]]:
 
 
 def make_executor(kind: str, folder: Path, grid: Grid, max_parallel: int | None):
-    """A submitit executor of ``kind`` writing its logs under ``folder``."""
+    """A submitit executor of ``kind`` writing its logs under ``folder``: ``debug`` and
+    ``local`` are submitit's DebugExecutor and LocalExecutor (with the grid's [local]
+    table), ``slurm`` its AutoExecutor on SLURM (with the [slurm] table: the generic
+    names timeout_min, mem_gb, gpus_per_node, cpus_per_task, name, and SLURM's own)."""
     import submitit
 
     if kind not in EXECUTORS:
         raise GridError(f"unknown executor {kind!r}; choose from {', '.join(EXECUTORS)}")
     if kind == "debug":
-        return submitit.AutoExecutor(folder=folder, cluster="debug")
+        return submitit.DebugExecutor(folder)
     table = dict(grid.local if kind == "local" else grid.slurm)
     retries = table.pop("max_num_timeout", 3)
-    executor = submitit.AutoExecutor(
-        folder=folder, cluster=kind, **{f"{kind}_max_num_timeout": retries}
-    )
     params: dict[str, Any] = {"name": "icl-lens-sweep", "stderr_to_stdout": True}
     if kind == "local":
-        params["timeout_min"] = LOCAL_TIMEOUT_MIN
-    for key, value in table.items():
-        generic = key in ("timeout_min", "mem_gb", "gpus_per_node", "cpus_per_task", "name")
-        params[key if generic else f"{kind}_{key}"] = value
-    if kind == "slurm" and max_parallel:
-        params["slurm_array_parallelism"] = max_parallel
+        executor = submitit.LocalExecutor(folder, max_num_timeout=retries)
+        params |= {"timeout_min": LOCAL_TIMEOUT_MIN, **_local_gpus(), **table}
+    else:
+        executor = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=retries)
+        params["slurm_stderr_to_stdout"] = params.pop("stderr_to_stdout")
+        for key, value in table.items():
+            params[key if key in SLURM_GENERIC else f"slurm_{key}"] = value
+        if max_parallel:
+            params["slurm_array_parallelism"] = max_parallel
     executor.update_parameters(**params)
     return executor
+
+
+def _local_gpus() -> dict[str, Any]:
+    """Local workers see the GPUs this process sees: submitit's LocalExecutor sets
+    ``CUDA_VISIBLE_DEVICES`` to its first ``gpus_per_node`` devices (none by default)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    if not n:
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = [int(x) for x in visible.split(",") if x.strip().isdigit()]
+    out: dict[str, Any] = {"gpus_per_node": n}
+    if len(ids) == n:
+        out["visible_gpus"] = tuple(ids)
+    return out
 
 
 def _alive(pid: int) -> bool:
@@ -126,7 +145,10 @@ def active_jobs(root: str | Path) -> list[str]:
         elif record.get("executor") == "slurm":
             import submitit
 
-            state = submitit.SlurmJob(Path(root) / "logs" / job_id, job_id).state
+            try:
+                state = submitit.SlurmJob(Path(root) / "logs", job_id).state
+            except Exception:  # no SLURM here (a copied directory): nothing can still run
+                continue
             if state.split()[0] in ACTIVE_SLURM:
                 active.append(job_id)
     return active
