@@ -10,8 +10,9 @@ a fresh shell command as a user would:
   loading the model again.
 
 Wall-clock seconds of each, in alternating order for ``cfg.repeat`` rounds, the fastest
-counting; ``sweep_ratio`` = s / r. The cells' results.json files must be identical both
-ways (``same_results``).
+counting; ``sweep_ratio`` = s / r; ``cell_s``: a cell's mean seconds inside the worker
+(its compute: no imports, no model load). The cells' results.json files must be
+identical both ways (``same_results``).
 
 >>> r = sweep_vs_runs(BenchConfig(n_layers=1, d_model=32, n_heads=4, d_vocab=100, k=2,
 ...                               n_queries=3, repeat=1), n_cells=2)   # doctest: +SKIP
@@ -103,6 +104,7 @@ def sweep_vs_runs(cfg: BenchConfig, *, n_cells: int = 4, log=None) -> dict:
                 log(f"round {r + 1}/{cfg.repeat}: {mode} of {n_cells} cells ...")
                 times[mode].append((run_sweep if mode == "sweep" else run_each)(out))
         same = _same_results(root / "sweep-0", root / "runs-0", n_cells)
+        cell_s = _cell_seconds(root / f"sweep-{cfg.repeat - 1}")
         shutil.rmtree(root / "model")
     best = {m: min(t) for m, t in times.items()}
     return {
@@ -112,9 +114,16 @@ def sweep_vs_runs(cfg: BenchConfig, *, n_cells: int = 4, log=None) -> dict:
         "all_sweep_s": [round(t, 2) for t in times["sweep"]],
         "all_runs_s": [round(t, 2) for t in times["runs"]],
         "sweep_ratio": round(best["sweep"] / best["runs"], 3),
+        "cell_s": cell_s,
         "same_results": same,
         "load": (load_before, os.getloadavg()[0]),
     }
+
+
+def _cell_seconds(sweep_dir: Path) -> float:
+    """The mean seconds a cell took inside the worker (its compute, no imports or load)."""
+    spans = [json.loads(p.read_text()) for p in sweep_dir.glob("cells/*/sweep-cell.json")]
+    return round(sum(s["finished"] - s["started"] for s in spans) / max(1, len(spans)), 2)
 
 
 def _same_results(sweep_dir: Path, runs_dir: Path, n_cells: int) -> bool:

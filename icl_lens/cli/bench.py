@@ -193,6 +193,7 @@ def format_sweep_cost(r: dict, cfg: BenchConfig) -> str:
         f"(s) icl-lens sweep, one local worker  {r['sweep_s']:>8.2f} s   runs {r['all_sweep_s']}",
         f"(r) {r['n_cells']} icl-lens run processes     {r['runs_s']:>8.2f} s   runs "
         f"{r['all_runs_s']}",
+        f"a cell's compute in the worker: {r['cell_s']:.2f} s (mean)",
         f"sweep_ratio (s/r) {r['sweep_ratio']}; results identical: {r['same_results']}",
     ]
     lines.append(json.dumps(r))

@@ -223,12 +223,8 @@ class Grid:
             slurm=_executor_table("slurm", data.get("slurm", {})),
             local=_executor_table("local", data.get("local", {})),
         )
-        grid.cells = [
-            Cell(
-                {**run, **dict(zip(axes, combo, strict=True))}, dict(zip(axes, combo, strict=True))
-            )
-            for combo in itertools.product(*axes.values())
-        ]
+        combos = [dict(zip(axes, c, strict=True)) for c in itertools.product(*axes.values())]
+        grid.cells = [Cell({**run, **combo}, combo) for combo in combos]
         grid.check(options, check_tasks=check_tasks)
         return grid
 
