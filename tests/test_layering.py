@@ -26,7 +26,7 @@ LAYERS = (
     ("icl_lens.hooks",),
     ("icl_lens.study",),
     ("icl_lens.views",),
-    ("icl_lens.cli", "icl_lens.bench", "icl_lens.momentum_study"),
+    ("icl_lens.cli", "icl_lens.bench", "icl_lens.momentum_study", "icl_lens.sweep"),
     ("icl_lens", "icl_lens.quickstart"),  # the package's façade
 )
 

@@ -115,7 +115,7 @@ class Cell:
             if action.nargs == 0:
                 args += [flag] if value else []
             elif action.nargs in ("+", "*"):
-                args += [flag, *(str(v) for v in value)]
+                args += [flag, *(str(v) for v in ([value] if isinstance(value, str) else value))]
             elif isinstance(value, dict):
                 args += [flag, json.dumps(value)]
             else:
@@ -152,9 +152,10 @@ def _check_value(where: str, key: str, value: Any, options) -> None:
     action = options[dest]
     if action.nargs == 0 and not isinstance(value, bool):
         raise GridError(f"{where}.{key}: a flag takes true or false, got {value!r}")
-    if action.nargs in ("+", "*"):
-        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
-            raise GridError(f"{where}.{key}: a list of strings, got {value!r}")
+    if action.nargs in ("+", "*"):  # --model, --label-words: a string or a list of them
+        many = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+        if not (isinstance(value, str) or many):
+            raise GridError(f"{where}.{key}: a string or a list of strings, got {value!r}")
     elif isinstance(value, list):
         raise GridError(
             f"{where}.{key}: `icl-lens run` takes one value here; a list of values to try is "
@@ -302,9 +303,17 @@ class Grid:
 
 
 def _check_run_values(args) -> None:
-    """What ``icl-lens run`` refuses after parsing: the learning-rate grid."""
+    """What ``icl-lens run`` refuses after parsing: impossible numbers, the learning-rate
+    grid (as argparse words it, so the key is named)."""
+    from icl_lens.cli.run import check_arguments
+    from icl_lens.errors import UserError
     from icl_lens.study.finetune import lr_grid
 
+    try:
+        check_arguments(args)
+    except UserError as err:
+        flag, _, rest = str(err).partition(" ")
+        raise GridError(f"argument {flag}: {rest}") from None
     try:
         lr_grid(args.lr_grid)
     except ValueError as err:

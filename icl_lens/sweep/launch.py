@@ -55,7 +55,7 @@ class SweepResult:
 
 
 def _model_order(cell: Cell) -> str:
-    keys = ("model", "device", "dtype", "device_map", "n_devices")
+    keys = ("model", "tokenizer", "device", "dtype", "device_map", "n_devices")
     return json.dumps([cell.settings.get(k) for k in keys], sort_keys=True, default=str)
 
 

@@ -63,7 +63,8 @@ def _job_id() -> str | None:
 
 
 def _model_key(args) -> str:
-    return json.dumps([args.model, args.device, args.dtype, args.device_map, args.n_devices])
+    placement = [args.device, args.dtype, args.device_map, args.n_devices]
+    return json.dumps([args.model, args.tokenizer, *placement])
 
 
 class _Models:

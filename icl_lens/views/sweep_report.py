@@ -6,31 +6,41 @@ x ...); columns: ZSL / ICL / FT accuracy, Rec2FTP, SimAOU, SimAM, Kendall (the p
 variants), each the mean over seeds with its spread (std, n) and interval, and under it
 the controls that could refute it: the shuffled-queries (Rec2FTP: independent) baseline
 and the same architecture with untrained weights. Per-layer curves: the mean over seeds
-of SimAOU, SimAM and Kendall per layer, shaded by the std, the untrained control dashed.
+of SimAOU, SimAM and Kendall per layer, one line per row, the std as a band, the
+untrained control dashed.
 
-It reads only the tables (``aggregate.parquet``, ``sweep.json``, ``failures.json``);
-every string from them is escaped by the template (Jinja2 autoescape), and the curves
-are inline SVG (matplotlib).
+It reads only the sweep's files (``aggregate.parquet``, ``sweep.json``,
+``failures.json``) and renders ``sweep_report.html.j2`` (autoescaped) with matplotlib
+figures inlined as SVG (:mod:`icl_lens.views.figures`).
 
 >>> write_sweep_report("runs/study")          # -> runs/study/report.html  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-import jinja2
+import matplotlib
 import pandas as pd
-from markupsafe import Markup
+from matplotlib.figure import Figure
 
 from icl_lens.files import atomic_write_text
+from icl_lens.views.figures import METRIC_TITLES, STYLE, new_figure, svg, text
+from icl_lens.views.page import fmt, render
+from icl_lens.views.report import _package_version
 
-__all__ = ["COLUMNS", "CURVES", "paper_table", "render_sweep_report", "write_sweep_report"]
+__all__ = [
+    "COLUMNS",
+    "CURVES",
+    "paper_table",
+    "plot_layers_across",
+    "render_sweep_report",
+    "write_sweep_report",
+]
 
 COLUMNS = [  # (title, metric, variant, control baseline)
     ("ZSL acc.", "accuracy", "zsl", None),
@@ -41,129 +51,95 @@ COLUMNS = [  # (title, metric, variant, control baseline)
     ("SimAM", "simam", "after", "shuffled_queries"),
     ("Kendall", "kendall", "tau_b", "shuffled_queries"),
 ]
-CURVES = [
-    ("SimAOU", "simaou", "normalised"),
-    ("SimAM", "simam", "after"),
-    ("Kendall", "kendall", "tau_b"),
-]
+CURVES = [("simaou", "normalised"), ("simam", "after"), ("kendall", "tau_b")]
 UNTRAINED = "untrained_weights"
 SEEDS = ("seed", "order_seed")
 
-TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
-<style>
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; }
-th.key, td.key { text-align: left; }
-.spread { color: #555; } .ctl { color: #777; font-size: 85%; } .fail { color: #a00; }
-figure { display: inline-block; margin: 0 1em 1em 0; }
-</style></head><body>
-<h1>{{ title }}</h1>
-<p>{{ n_cells }} cells ({{ n_done }} done{% if failures %}, <span class="fail">{{ failures|length }}
-failed</span>{% endif %}); the mean over {{ seed_text }} per row, &plusmn; its std (n cells),
-the interval in brackets, and under it the controls (shuffled queries / independent, and
-untrained weights).</p>
-<table>
-<tr>{% for key in keys %}<th class="key">{{ key }}</th>{% endfor %}
-{% for title in column_titles %}<th>{{ title }}</th>{% endfor %}</tr>
-{% for row in rows %}<tr>
-{% for value in row.labels %}<td class="key">{{ value }}</td>{% endfor %}
-{% for cell in row.cells %}<td>{{ cell.value }}<span class="spread">{{ cell.spread }}</span>
-{% if cell.interval %}<br><span class="spread">{{ cell.interval }}</span>{% endif %}
-{% if cell.controls %}<br><span class="ctl">{{ cell.controls }}</span>{% endif %}</td>{% endfor %}
-</tr>{% endfor %}
-</table>
-{% if interval_note %}<p class="ctl">{{ interval_note }}</p>{% endif %}
-<h2>Per layer, across cells</h2>
-{% for fig in figures %}<figure>{{ fig }}</figure>{% endfor %}
-{% if failures %}<h2 class="fail">Failed cells</h2><table>
-<tr><th class="key">cell</th><th class="key">error</th><th class="key">log</th></tr>
-{% for f in failures %}<tr><td class="key">{{ f.name }}</td><td class="key">{{ f.error }}</td>
-<td class="key">{{ f.log or "" }}</td></tr>{% endfor %}</table>{% endif %}
-<h2>Grid</h2><pre>{{ grid_text }}</pre>
-</body></html>
-"""
 
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _keys(grid: dict[str, Any]) -> list[str]:
-    return [k for k in grid.get("grid", {}) if k not in SEEDS]
+def _groups(frame: pd.DataFrame, keys: list[str]):
+    """``(values tuple, rows)`` per combination of ``keys`` (one group without keys)."""
+    if not keys:
+        return [((), frame)]
+    return [
+        (v if isinstance(v, tuple) else (v,), part)
+        for v, part in frame.groupby(keys, sort=False, dropna=False)
+    ]
 
 
 def paper_table(aggregate: pd.DataFrame, keys: list[str]) -> list[dict[str, Any]]:
     """One dict per row combination: ``labels`` (its values of ``keys``) and ``cells``
     (per column: value, spread, interval, controls), in the order of :data:`COLUMNS`."""
     overall = aggregate[(aggregate["layer"] == -1) & (aggregate["head"] == -1)]
-    groups = overall.groupby(keys, sort=False, dropna=False) if keys else [((), overall)]
     rows = []
-    for values, part in groups:
-        values = values if isinstance(values, tuple) else (values,)
+    for values, part in _groups(overall, keys):
         index = part.set_index(["metric", "variant", "baseline"])
         cells = []
         for _, metric, variant, control in COLUMNS:
-            row = (
-                index.loc[(metric, variant, "none")]
-                if (metric, variant, "none") in index.index
-                else None
-            )
-            cell = {"value": "–", "spread": "", "interval": "", "controls": ""}
-            if row is not None:
-                cell["value"] = _fmt(row["mean"])
-                cell["spread"] = f" ± {_fmt(row['std'])} (n={int(row['n'])})"
+            cell = {"value": "n/a", "spread": "", "interval": "", "controls": ""}
+            if (metric, variant, "none") in index.index:
+                row = index.loc[(metric, variant, "none")]
+                cell["value"] = fmt(row["mean"])
+                cell["spread"] = f" ± {fmt(row['std'])} (n={int(row['n'])})"
                 if not math.isnan(row["ci_low"]):
-                    cell["interval"] = f"[{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]"
+                    cell["interval"] = f"[{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"
             shown = []
-            for name, label in (
-                (control, control and control.replace("_", " ")),
-                (UNTRAINED, "untrained"),
-            ):
+            for name in (control, UNTRAINED):
                 if name and (metric, variant, name) in index.index:
-                    shown.append(f"{label} {_fmt(index.loc[(metric, variant, name)]['mean'])}")
+                    label = "untrained" if name == UNTRAINED else name.replace("_", " ")
+                    shown.append(f"{label} {fmt(index.loc[(metric, variant, name)]['mean'])}")
             cell["controls"] = " · ".join(shown)
             cells.append(cell)
         rows.append({"labels": [str(v) for v in values], "cells": cells})
     return rows
 
 
-def _curve_svg(aggregate: pd.DataFrame, keys: list[str], title: str, metric: str, variant: str):
-    import matplotlib
+def plot_layers_across(aggregate: pd.DataFrame, keys: list[str]) -> Figure | None:
+    """SimAOU, SimAM and Kendall per layer: one line per row of the table (its mean over
+    seeds, the std as a band), its untrained-weights control dashed in the same colour.
+    None when the aggregate has no per-layer rows.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = aggregate[
-        (aggregate["metric"] == metric)
-        & (aggregate["variant"] == variant)
-        & (aggregate["layer"] >= 0)
-        & (aggregate["head"] == -1)
+    >>> agg = pd.DataFrame({"model": ["a", "a"], "metric": "simaou", "variant": "normalised",
+    ...     "baseline": "none", "layer": [0, 1], "head": -1, "mean": [0.1, 0.3],
+    ...     "std": [0.01, 0.02]})
+    >>> [ax.get_title() for ax in plot_layers_across(agg, ["model"]).axes]
+    ['SimAOU (normalised)']
+    """
+    layers = aggregate[(aggregate["layer"] >= 0) & (aggregate["head"] == -1)]
+    curves = [
+        (m, v) for m, v in CURVES if ((layers["metric"] == m) & (layers["variant"] == v)).any()
     ]
-    if layers.empty:
+    if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    groups = layers.groupby(keys, sort=False, dropna=False) if keys else [((), layers)]
-    for i, (values, part) in enumerate(groups):
-        values = values if isinstance(values, tuple) else (values,)
-        label = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)) or "all"
-        color = f"C{i % 10}"
-        obs = part[part["baseline"] == "none"].sort_values("layer")
-        ax.plot(obs["layer"], obs["mean"], color=color, marker="o", ms=3, label=label)
-        std = obs["std"].fillna(0.0)
-        ax.fill_between(obs["layer"], obs["mean"] - std, obs["mean"] + std, color=color, alpha=0.2)
-        ctl = part[part["baseline"] == UNTRAINED].sort_values("layer")
-        if len(ctl):
-            ax.plot(ctl["layer"], ctl["mean"], color=color, ls="--", lw=1)
-    ax.set_title(f"{title} per layer (dashed: untrained weights)", fontsize=9)
-    ax.set_xlabel("layer")
-    ax.legend(fontsize=7)
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    svg = buffer.getvalue()
-    return Markup(svg[svg.index("<svg") :])  # matplotlib's own markup, no user text unescaped
+    fig, axes = new_figure(len(curves), panel=(3.6, 2.7))
+    palette = matplotlib.colormaps["tab10"].colors
+    with matplotlib.rc_context(STYLE):
+        for ax, (metric, variant) in zip(axes, curves, strict=True):
+            sub = layers[(layers["metric"] == metric) & (layers["variant"] == variant)]
+            for i, (values, part) in enumerate(_groups(sub, keys)):
+                color = palette[i % len(palette)]
+                label = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+                obs = part[part["baseline"] == "none"].sort_values("layer")
+                std = obs["std"].fillna(0.0)
+                ax.fill_between(
+                    obs["layer"],
+                    obs["mean"] - std,
+                    obs["mean"] + std,
+                    color=color,
+                    alpha=0.15,
+                    lw=0,
+                )
+                ax.plot(
+                    obs["layer"], obs["mean"], "o-", color=color, ms=3, label=text(label or "all")
+                )
+                ctl = part[part["baseline"] == UNTRAINED].sort_values("layer")
+                if len(ctl):
+                    ax.plot(ctl["layer"], ctl["mean"], "--", color=color, lw=1)
+            ax.axhline(0.0, color="#a0aec0", lw=0.6, zorder=0)
+            ax.set_title(text(f"{METRIC_TITLES.get(metric, metric)} ({variant})"))
+            ax.set_xlabel("layer")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
+    return fig
 
 
 def render_sweep_report(directory: str | os.PathLike, *, title: str | None = None) -> str:
@@ -176,33 +152,39 @@ def render_sweep_report(directory: str | os.PathLike, *, title: str | None = Non
     aggregate = pd.read_parquet(path)
     failures_path = root / "failures.json"
     failures = json.loads(failures_path.read_text()) if failures_path.exists() else []
-    keys = _keys(grid)
+    keys = [k for k in grid.get("grid", {}) if k not in SEEDS]
     seeds = [k for k in grid.get("grid", {}) if k in SEEDS]
-    figures = [_curve_svg(aggregate, keys, t, m, v) for t, m, v in CURVES]
+    figure = plot_layers_across(aggregate, keys)
     n_cells = len(grid.get("cells", []))
-    no_interval = aggregate["ci_low"].isna().all() if len(aggregate) else True
-    env = jinja2.Environment(autoescape=True)
-    return env.from_string(TEMPLATE).render(
-        title=title or f"icl-lens sweep: {root.name}",
-        n_cells=n_cells,
-        n_done=n_cells - len(failures),
-        failures=failures,
-        seed_text=" and ".join(seeds) if seeds else "cells (no seed axis)",
-        keys=keys,
-        column_titles=[c[0] for c in COLUMNS],
-        rows=paper_table(aggregate, keys),
-        interval_note="Intervals: not computed yet (the hierarchical bootstrap over "
-        "demonstration sets, then queries, is pending)."
-        if no_interval
-        else "",
-        figures=[f for f in figures if f is not None],
-        grid_text=json.dumps({k: grid.get(k) for k in ("run", "grid")}, indent=2),
+    pending = not len(aggregate) or bool(aggregate["ci_low"].isna().all())
+    grid_rows = [(f"run.{k}", json.dumps(v)) for k, v in grid.get("run", {}).items()]
+    grid_rows += [(f"grid.{k}", json.dumps(v)) for k, v in grid.get("grid", {}).items()]
+    return str(
+        render(
+            "sweep_report.html.j2",
+            title=title or f"icl-lens sweep: {root.resolve().name}",
+            source=str(root),
+            n_cells=n_cells,
+            n_done=n_cells - len(failures),
+            failures=failures,
+            seed_text=" and ".join(seeds) if seeds else "cells (the grid has no seed axis)",
+            keys=keys,
+            column_titles=[c[0] for c in COLUMNS],
+            rows=paper_table(aggregate, keys),
+            interval_note="Intervals: not computed yet (the hierarchical bootstrap over "
+            "demonstration sets, then queries, is pending)."
+            if pending
+            else "",
+            figure=svg(figure) if figure is not None else None,
+            grid_rows=grid_rows,
+            version=_package_version(),
+        )
     )
 
 
 def write_sweep_report(
     directory: str | os.PathLike, out: str | os.PathLike | None = None, *, title: str | None = None
 ) -> Path:
-    """Write the sweep page to ``out`` (default ``DIR/report.html``)."""
+    """Write the sweep page to ``out`` (default ``DIR/report.html``), atomically."""
     path = Path(out) if out is not None else Path(directory) / "report.html"
     return atomic_write_text(path, render_sweep_report(directory, title=title))
