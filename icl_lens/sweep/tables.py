@@ -72,10 +72,13 @@ def seed_intervals(
 ) -> pd.DataFrame:
     """The interval of every aggregate row: ``by`` columns, then ``ci_low``, ``ci_high``.
 
-    PENDING (issue 13): the interval is the hierarchical bootstrap over demonstration sets
-    and orders, then queries, of icl_lens.analyses (the rigor work). Until that lands on
-    main it is NaN: the sweep computes no bootstrap of its own. Wire it here, in this one
-    call; ``root`` holds each cell's checkpoints (its per-query records).
+    PENDING (issue 13): the interval is to be the hierarchical bootstrap over
+    demonstration sets and orders, then queries, written by the rigor work
+    (``icl_lens.analyses.hierarchical_table(runs)``, ``runs`` = ``{(seed, order_seed, ...):
+    per-query values}`` of one metric row). Until it lands on main the interval is NaN:
+    the sweep computes no bootstrap of its own. Wiring it needs each cell's per-query
+    values on disk (a ``Comparison`` keeps them in memory only), e.g. written by
+    ``icl-lens run`` next to results.json and read here from ``root/cells/*``.
     """
     out = summary[by].drop_duplicates().reset_index(drop=True)
     out["ci_low"] = np.nan
