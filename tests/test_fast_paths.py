@@ -38,7 +38,8 @@ def _tiny_setup():
 
 def test_the_kept_best_trial_equals_training_it_again():
     from icl_lens.model.adapter import adapt
-    from icl_lens.study.finetune import BestTrial, finetune, run_trial, select_lr
+    from icl_lens.study.finetune import finetune
+    from icl_lens.study.lr_search import BestTrial, run_trial, select_lr
 
     model, prompt, evaluate = _tiny_setup()
     kept = BestTrial()

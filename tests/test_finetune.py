@@ -11,16 +11,8 @@ from icl_lens.hooks.kv_taps import kv_inputs
 
 import icl_lens as il
 from icl_lens.model.copying import copy_model
-from icl_lens.study.finetune import (
-    PAPER_LR_GRID,
-    LrTrial,
-    finetune,
-    lr_grid,
-    search_lr,
-    select_lr,
-    training_sequences,
-    training_token_scores,
-)
+from icl_lens.study.finetune import finetune, training_sequences, training_token_scores
+from icl_lens.study.lr_search import PAPER_LR_GRID, LrTrial, lr_grid, search_lr, select_lr
 from icl_lens.study.measure import kendall_inputs
 from icl_lens.study.predict import label_tokens, predict_queries
 from icl_lens.study.records import record
@@ -253,3 +245,115 @@ def test_dual_form_on_a_one_layer_model(gpt2_one_layer):
     torch.testing.assert_close(
         training_token_scores(ft_rec.q, ft.train_queries), ft_scores, rtol=0, atol=0
     )
+
+
+# ---- layer-causal FT (Deutch et al. 2024) --------------------------------------------
+
+
+def _kv(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for _, p in il.adapt(model).kv_parameters(model)]
+
+
+def _per_layer(model, tensors) -> dict[int, list[torch.Tensor]]:
+    names = [n for n, _ in il.adapt(model).kv_parameters(model)]
+    out: dict[int, list[torch.Tensor]] = {}
+    for name, t in zip(names, tensors, strict=True):
+        out.setdefault(int(name.split(".")[1]), []).append(t)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_layer_causal_updates_do_not_depend_on_the_layers_above(arch):
+    """Layer-causal: layer l learns only from its own prediction through itself, so
+    changing every weight above layer 0 leaves layer 0's trained K/V exactly as they
+    were (over all steps, since layer 0's inputs come from below). Standard FT
+    back-propagates through the layers above: its layer-0 update changes."""
+    model, _ = make_model(arch, n_layers=3)
+    other = copy_model(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in list(other.blocks)[1:]:
+            for p in block.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    prompt = _prompt(model)
+    results = {}
+    for mode in ("layer_causal", "standard"):
+        for name, m in (("model", model), ("other", other)):
+            ft = finetune(m, prompt, lr=3.0, mode=mode, record_queries=False)
+            assert not ft.diverged
+            results[mode, name] = _per_layer(m, _kv(ft.model))
+    base = _per_layer(model, _kv(model))
+    lc_model, lc_other = results["layer_causal", "model"][0], results["layer_causal", "other"][0]
+    # layer 0 did learn (its key bias cannot: softmax ignores a shift shared by all keys)
+    assert max((a - w).abs().max() for a, w in zip(lc_model, base[0], strict=True)) > 1e-3
+    for a, b in zip(lc_model, lc_other, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    st_model, st_other = results["standard", "model"][0], results["standard", "other"][0]
+    changed = [not torch.allclose(a, b, atol=1e-4) for a, b in zip(st_model, st_other, strict=True)]
+    assert any(changed)
+
+
+def test_layer_causal_equals_standard_where_it_must():
+    """With one step the top layer's gradient is the same in both modes (the other
+    layers' losses do not reach it, and its input is the same before any update), while
+    a lower layer's differs; on a one-layer model the two modes are the same training."""
+    model, _ = make_model("gpt2", n_layers=2)
+    prompt = il.build_prompt(model.tokenizer, DEMOS[:1], "Sentence: w5 Label:", separator=" \n")
+    lc = _per_layer(model, _kv(finetune(model, prompt, lr=3.0, mode="layer_causal").model))
+    st = _per_layer(model, _kv(finetune(model, prompt, lr=3.0).model))
+    for a, b in zip(lc[1], st[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(lc[0], st[0], strict=True))
+    one, _ = make_model("gpt2", n_layers=1)
+    lc = finetune(one, _prompt(one), lr=3.0, mode="layer_causal")
+    st = finetune(one, _prompt(one), lr=3.0)
+    torch.testing.assert_close(lc.losses, st.losses, rtol=0, atol=0)
+    for a, b in zip(_kv(lc.model), _kv(st.model), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_layer_causal_loss_sums_every_layers_lens_loss():
+    """The first step's loss is the sum over layers of the LM loss of each layer's
+    output through the final norm and unembedding (as Deutch et al.'s --per-layer 1)."""
+    model, _ = make_model("neox", n_layers=2)
+    prompt = _prompt(model)
+    ft = finetune(model, prompt, lr=1e-3, mode="layer_causal", record_queries=False)
+    seq = training_sequences(prompt)[0][None]
+    adapter = il.adapt(model)
+    kept = {}
+
+    def keep(layer):
+        def hook(x, hook):
+            kept[layer] = x
+
+        return hook
+
+    ce = torch.nn.functional.cross_entropy
+    with adapter.inference():
+        hooks = [(adapter.name(la, "resid_post"), keep(la)) for la in (0, 1)]
+        adapter.forward(seq, fwd_hooks=hooks)
+        total = sum(ce(adapter.unembed_residual(kept[la])[0, :-1], seq[0, 1:]) for la in (0, 1))
+    assert ft.losses[0].item() == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_dual_form_holds_for_layer_causal_training():
+    """The dual form is an identity of any gradient step on a linear map: it holds for
+    the layer-causal loss too, in every layer."""
+    model, _ = make_model("gpt2", n_layers=2)
+    prompt = _prompt(model)
+    ft = finetune(model, prompt, lr=3.0, mode="layer_causal", record_inputs=True)
+    query = torch.cat([prompt.tokens[:1], prompt.query_tokens])
+    x = kv_inputs(ft.model, query)
+    before, after = _capture(model, query, {"k", "v"}), _capture(ft.model, query, {"k", "v"})
+    x_before = kv_inputs(model, query)
+    torch.testing.assert_close(x[0], x_before[0])  # layer 0's input does not depend on K/V
+    dk, dv = ft.dual_update(0, x[0])
+    for name, d in (("k", dk), ("v", dv)):
+        change = (after[name, 0][0] - before[name, 0][0]).double()
+        assert change.abs().max() > 1e-3
+        torch.testing.assert_close(change, d, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_ft_mode_is_refused(gpt2_one_layer):
+    with pytest.raises(ValueError, match="unknown FT mode"):
+        finetune(gpt2_one_layer, _prompt(gpt2_one_layer), lr=0.1, mode="causal")

@@ -64,7 +64,7 @@ class Workload:
     def load(cls, cfg: BenchConfig, modes: Sequence[str] = ()) -> Workload:
         """Build the model and prompts (and the training copy if ``modes`` need it), and
         warm up (allocator, lazy initialisation, thread pool) with one small forward."""
-        from icl_lens.study.finetune import copy_model
+        from icl_lens.model.copying import copy_model
 
         model = build_model(cfg)
         prefix, queries, demos = synthetic_icl(cfg)
@@ -314,7 +314,8 @@ def pipeline_floor(model, cfg: BenchConfig, directory: Path) -> dict:
     from icl_lens.data.demonstrations import sample_demonstrations
     from icl_lens.data.prompts import encode, task_prompt
     from icl_lens.data.task_sources import load_task
-    from icl_lens.study.finetune import lr_grid, training_sequences
+    from icl_lens.study.finetune import training_sequences
+    from icl_lens.study.lr_search import lr_grid
 
     task = load_task(write_task_file(cfg, directory))
     tok, spec = model.tokenizer, task.spec

@@ -38,6 +38,30 @@ class Prompt:
     str_tokens: tuple[str, ...] = ()
     label: int | None = None
     tokenizer_id: str | None = None
+    separator_lengths: tuple[int, ...] | None = None
+    """Per demonstration span, how many of its last tokens are the separator's (the
+    demonstration's own tokens, tokenized alone, are the span's first tokens); None where
+    a separator merges with the end of a demonstration under the tokenizer, so that the
+    two cannot be told apart."""
+
+    def content_spans(self) -> tuple[tuple[int, int], ...]:
+        """The demonstration spans without their separators (the demonstration's own
+        tokens: input and label). Raises ValueError where the separator cannot be cut off.
+
+        >>> from tests.models import make_tokenizer
+        >>> p = build_prompt(make_tokenizer(), ["w1 good", "w2 bad"], "w3", separator=" \\n")
+        >>> p.demo_spans, p.content_spans()
+        (((1, 4), (4, 7)), ((1, 3), (4, 6)))
+        """
+        if self.separator_lengths is None or len(self.separator_lengths) != len(self.demo_spans):
+            raise ValueError(
+                "this prompt does not say which of its demonstration tokens are separators "
+                "(the separator merges with the demonstrations under this tokenizer, or the "
+                "prompt was not built by build_prompt); use a separator that tokenizes on "
+                "its own, e.g. a newline"
+            )
+        pairs = zip(self.demo_spans, self.separator_lengths, strict=True)
+        return tuple((start, end - n) for (start, end), n in pairs)
 
     @property
     def n_tokens(self) -> int:
@@ -153,11 +177,14 @@ def build_prompt(
     (((1, 4), (4, 7)), 7, 8)
     """
     ids = [bos_id(tokenizer)]
-    spans = []
+    spans, sep_lengths = [], []
     for demo in demonstrations:
         start = len(ids)
-        ids += encode(tokenizer, demo + separator)
+        piece, alone = encode(tokenizer, demo + separator), encode(tokenizer, demo)
+        ids += piece
         spans.append((start, len(ids)))
+        separable = piece[: len(alone)] == alone
+        sep_lengths.append(len(piece) - len(alone) if separable else None)
     query_start = len(ids)
     query_ids = encode(tokenizer, query)
     if not query_ids:
@@ -176,6 +203,7 @@ def build_prompt(
         str_tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
         label=label,
         tokenizer_id=tokenizer_fingerprint(tokenizer),
+        separator_lengths=None if None in sep_lengths else tuple(sep_lengths),
     )
 
 

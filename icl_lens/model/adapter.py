@@ -85,7 +85,7 @@ class ModelAdapter:
     # ---- hook names -------------------------------------------------------------
     def name(self, layer: int, what: str) -> str:
         """Hook name for ``what`` in q, k, v, z, scores, pattern, attn_out, cos, sin,
-        resid_pre. q and k are post-rotary where the model exposes it."""
+        resid_pre, resid_post. q and k are post-rotary where the model exposes it."""
         attn = f"blocks.{layer}.attn."
         table = {
             "q": attn + ("hook_rot_q" if self.has_rot_hooks else "hook_q"),
@@ -98,6 +98,7 @@ class ModelAdapter:
             "sin": attn + "hook_sin",
             "attn_out": f"blocks.{layer}.hook_attn_out",
             "resid_pre": f"blocks.{layer}.hook_resid_pre",
+            "resid_post": f"blocks.{layer}.hook_resid_post",
         }
         return table[what]
 
@@ -182,6 +183,17 @@ class ModelAdapter:
         if not found:
             raise TypeError("found no key/value projection parameters in the model")
         return found
+
+    def unembed_residual(
+        self, resid: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Logits of a residual stream read through the final norm and unembedding (the
+        logit lens); for the last block's output these are the model's logits."""
+        ln_final = getattr(self.model, "ln_final", None)
+        weight = next(self.model.unembed.parameters(), None)
+        if weight is not None:  # layers may live on several devices
+            resid = resid.to(weight.device)
+        return self.model.unembed(resid if ln_final is None else ln_final(resid))
 
     # ---- running ----------------------------------------------------------------
     @contextlib.contextmanager

@@ -57,8 +57,9 @@ from icl_lens.model.adapter import adapt
 from icl_lens.model.untrained import untrained_copy
 from icl_lens.study.checkpoint import Checkpoints
 from icl_lens.study.comparison import Comparison
-from icl_lens.study.finetune import BestTrial, LrTrial, finetune, run_trial, select_lr
-from icl_lens.study.finetune import lr_grid as resolve_lr_grid
+from icl_lens.study.finetune import finetune
+from icl_lens.study.lr_search import BestTrial, LrTrial, run_trial, select_lr
+from icl_lens.study.lr_search import lr_grid as resolve_lr_grid
 from icl_lens.study.measure import control_rows, measure
 from icl_lens.study.predict import label_tokens, predict_queries
 from icl_lens.study.records import PROTOCOLS, Records, record

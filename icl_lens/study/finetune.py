@@ -1,18 +1,29 @@
 """The paper's finetuning baseline: K/V-only SGD on the demonstrations (method.md section 1).
 
-Exactly as the authors' code: a copy of the model; only the key and value projections
+As in the authors' code (microsoft/LMOps understand_icl; docs/method.md has the table of
+every remaining difference): a copy of the model; only the key and value projections
 (weights and biases) of every attention layer train; plain SGD (no momentum, no weight
 decay); batch size 1; one epoch; the demonstrations in their ICL order; the causal LM
-loss (mean over tokens) over every token of each formatted demonstration, i.e. the
-sequence ``BOS + demonstration tokens`` (its separator included, so training tokens
-align 1:1 with the demonstration tokens of the ICL prompt). The learning rate is chosen
-by validation accuracy from a grid (:data:`PAPER_LR_GRID` by default).
+loss, mean over the next-token predictions of each training sequence. What a training
+sequence holds is a choice (``separators``):
 
-Dropout is off during training (the model is put in eval mode), so a run is
-deterministic; the caller's model is never touched (its weights stay bitwise equal).
-In a half-precision model (bfloat16 / float16) the K/V weights are trained as float32
-copies (the update lr * grad is often below half precision's resolution and would round
-away) and written back, rounded, after each step.
+- ``separators=True`` (protocol ``"prediction"``): ``BOS + demonstration + separator``,
+  so the training tokens align 1:1 with the demonstration tokens of the ICL prompt;
+- ``separators=False`` (protocol ``"dai2023"``, the authors' ``get_data_for_ft``):
+  ``BOS + input + label``, the separator left out.
+
+Unlike the authors' runs (fp16 with loss scaling, ``model.train()`` with dropout 0),
+training runs in the model's dtype in eval mode, so a run is deterministic; the
+caller's model is never touched (its weights stay bitwise equal). In a half-precision
+model (bfloat16 / float16) the K/V weights are trained as float32 copies (the update
+lr * grad is often below half precision's resolution and would round away) and written
+back, rounded, after each step.
+
+``mode="layer_causal"`` is the layer-causal variant of Deutch et al. (NAACL 2024,
+GiilDe/ft-vs-icl, ``--per-layer 1``): every block's input is detached, and the loss is
+the sum over layers of the LM loss of each layer's residual output read through the
+final norm and unembedding, so layer l's K/V learn only from layer l's own prediction,
+through layer l alone; information flows upward as in ICL, errors never flow down.
 
 Just before each update the query vectors of every training token are recorded (the
 FT model's "attention to training tokens" of the Kendall comparison is the dot product
@@ -30,15 +41,17 @@ projection is the original one plus linear attention over the training tokens,
 >>> ft = finetune(model, prompt, lr=0.1)
 >>> ft.losses.shape, ft.diverged, ft.train_queries.shape   # 2 steps, 6 training tokens
 (torch.Size([2]), False, torch.Size([6, 1, 4, 8]))
+>>> finetune(model, prompt, lr=0.1, separators=False).train_queries.shape[0]
+4
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -52,72 +65,39 @@ from icl_lens.model.adapter import adapt
 from icl_lens.model.copying import copy_model
 
 __all__ = [
-    "PAPER_LR_GRID",
-    "SHORT_LR_GRID",
-    "BestTrial",
+    "FT_MODES",
+    "FTMode",
     "FinetuneResult",
     "FinetuneStep",
-    "LrTrial",
     "finetune",
-    "lr_grid",
-    "search_lr",
-    "select_lr",
     "training_sequences",
     "training_token_scores",
 ]
 
-PAPER_LR_GRID: tuple[float, ...] = tuple(
-    float(f"{m}e-{e}") for e in (4, 3, 2, 1) for m in range(1, 10)
-)
-"""{1..9} x {1e-4, 1e-3, 1e-2, 1e-1}, ascending: the authors' grid (36 values)."""
-
-SHORT_LR_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
-"""One value per decade of the paper's grid, for quick runs."""
+FTMode = Literal["standard", "layer_causal"]
+FT_MODES: tuple[str, ...] = ("standard", "layer_causal")
+"""``standard``: the paper's FT; ``layer_causal``: Deutch et al.'s layer-causal GD."""
 
 
-def lr_grid(spec: str | float | Sequence[float]) -> tuple[float, ...]:
-    """``"paper"``, ``"short"``, a number, a comma-separated list or a sequence.
-
-    >>> lr_grid("short")
-    (0.0001, 0.001, 0.01, 0.1)
-    >>> lr_grid("0.1, 3e-2")
-    (0.1, 0.03)
-    >>> len(lr_grid("paper"))
-    36
-    """
-    if isinstance(spec, str):
-        key = spec.strip().lower()
-        if key == "paper":
-            return PAPER_LR_GRID
-        if key == "short":
-            return SHORT_LR_GRID
-        try:
-            values = tuple(float(s) for s in key.split(",") if s.strip())
-        except ValueError:
-            raise ValueError(
-                f"learning-rate grid {spec!r}: use 'paper', 'short' or numbers like '1e-3,1e-2'"
-            ) from None
-    elif isinstance(spec, int | float):
-        values = (float(spec),)
-    else:
-        values = tuple(float(s) for s in spec)
-    if not values or any(not v > 0 for v in values):
-        raise ValueError(f"learning rates must be positive numbers, got {spec!r}")
-    return values
-
-
-def training_sequences(demonstrations: Prompt | Sequence[Tensor]) -> list[Int[Tensor, " pos"]]:
-    """``BOS + demonstration tokens`` per demonstration of an ICL prompt, in its order.
+def training_sequences(
+    demonstrations: Prompt | Sequence[Tensor], *, separators: bool = True
+) -> list[Int[Tensor, " pos"]]:
+    """``BOS + demonstration tokens`` per demonstration of an ICL prompt, in its order;
+    with ``separators=False`` each demonstration's separator is left out (the authors'
+    ``BOS + input + label``). Given sequences are returned as they are.
 
     >>> from tests.models import make_tokenizer
     >>> from icl_lens.data.prompts import build_prompt
     >>> p = build_prompt(make_tokenizer(), ["w1 good", "w2 bad"], "w3", separator=" \\n")
     >>> [s.tolist() for s in training_sequences(p)]
     [[1, 4, 95, 97], [1, 5, 96, 97]]
+    >>> [s.tolist() for s in training_sequences(p, separators=False)]
+    [[1, 4, 95], [1, 5, 96]]
     """
     if isinstance(demonstrations, Prompt):
         bos = demonstrations.tokens[:1]
-        return [torch.cat([bos, demonstrations.tokens[s:e]]) for s, e in demonstrations.demo_spans]
+        spans = demonstrations.demo_spans if separators else demonstrations.content_spans()
+        return [torch.cat([bos, demonstrations.tokens[s:e]]) for s, e in spans]
     seqs = [torch.as_tensor(s, dtype=torch.long) for s in demonstrations]
     if any(len(s) < 2 for s in seqs):
         raise ValueError("every training sequence needs BOS plus at least one token")
@@ -203,6 +183,8 @@ def finetune(
     demonstrations: Prompt | Sequence[Int[Tensor, " pos"]],
     *,
     lr: float,
+    mode: FTMode = "standard",
+    separators: bool = True,
     record_queries: bool = True,
     record_inputs: bool = False,
     progress: bool = False,
@@ -210,12 +192,16 @@ def finetune(
     """Finetune a copy of ``model``'s K/V projections on the demonstrations, one epoch.
 
     ``demonstrations``: an ICL :class:`~icl_lens.data.prompts.Prompt` (its demonstrations in
-    order become ``BOS + demo tokens`` sequences) or the training sequences themselves.
-    A NaN/inf loss or weight marks the run diverged and stops it.
+    order become ``BOS + demo tokens`` sequences, without separators if
+    ``separators=False``) or the training sequences themselves. ``mode``: ``"standard"``
+    or ``"layer_causal"`` (module docstring). A NaN/inf loss or weight marks the run
+    diverged and stops it.
     """
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    seqs = training_sequences(demonstrations)
+    if mode not in FT_MODES:
+        raise ValueError(f"unknown FT mode {mode!r}; choose from {FT_MODES}")
+    seqs = training_sequences(demonstrations, separators=separators)
     if not seqs:
         raise ValueError("finetune needs at least one demonstration")
     adapter = adapt(model)
@@ -244,13 +230,18 @@ def finetune(
         taps_cm = KVTaps(ft, ft_model) if record_inputs else contextlib.nullcontext()
         with torch.enable_grad(), taps_cm as taps:
             hooks = (capture.hooks(None) if capture else []) + (taps.hooks() if taps else [])
+            lens = _LayerOutputs(ft) if mode == "layer_causal" else None
+            hooks += lens.hooks() if lens else []
             if capture:
                 capture.values.clear()
             logits = ft.forward(tokens, fwd_hooks=hooks)
             if capture:
                 capture._finish_rotary(None)
-            targets = tokens[0, 1:].to(logits.device)  # the last layer's device
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets)
+            loss = _lm_loss(logits, tokens)
+            if lens:  # the last layer's term is the model's own loss
+                loss = loss + sum(
+                    _lm_loss(x, tokens).to(loss.device) for x in lens.logits_below_top()
+                )
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 losses.append(loss_value)
@@ -288,6 +279,40 @@ def finetune(
     )
 
 
+def _lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of one sequence (``[1, pos, vocab]`` logits; the
+    targets follow the logits' device: layers may live on several)."""
+    targets = tokens[0, 1:].to(logits.device)
+    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets)
+
+
+class _LayerOutputs:
+    """Layer-causal training (Deutch et al. 2024): hooks that detach every block's
+    input, so no gradient crosses a block boundary, and keep every block's residual
+    output for its own LM loss through the final norm and unembedding."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.outputs: dict[int, Tensor] = {}
+
+    def hooks(self) -> list:
+        def detach(x, hook):
+            return x.detach()
+
+        def keep(layer):
+            def hook(x, hook):
+                self.outputs[layer] = x
+
+            return hook
+
+        n = self.adapter.n_layers
+        pairs = [(self.adapter.name(la, "resid_pre"), detach) for la in range(1, n)]
+        return pairs + [(self.adapter.name(la, "resid_post"), keep(la)) for la in range(n - 1)]
+
+    def logits_below_top(self) -> list[Tensor]:
+        return [self.adapter.unembed_residual(x) for _, x in sorted(self.outputs.items())]
+
+
 def training_token_scores(
     queries: Float[Tensor, "n layer head d_head"],
     train_queries: Float[Tensor, "train_token layer head d_head"],
@@ -301,131 +326,3 @@ def training_token_scores(
     [[[15.0, 51.0]]]
     """
     return torch.einsum("nlhd,tlhd->nlt", queries.double(), train_queries.double()).float()
-
-
-# ---- learning-rate grid ---------------------------------------------------------------
-
-
-@dataclass
-class LrTrial:
-    """One learning rate of the grid: validation accuracy (None if diverged), the mean
-    gold-class log-prob, the training losses."""
-
-    lr: float
-    accuracy: float | None
-    gold_log_prob: float | None
-    diverged: bool
-    losses: list[float]
-    diverged_at: int | None = None
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def select_lr(trials: Sequence[LrTrial]) -> LrTrial:
-    """The best trial: highest validation accuracy; on a tie the smallest learning rate
-    (the first best of the ascending grid, the least change to the model). Diverged
-    trials never win. ``gold_log_prob`` is reported, not used: a degenerate, saturated
-    model can have the highest gold log-prob.
-
-    >>> t = [LrTrial(0.2, 0.5, -1.0, False, []), LrTrial(0.1, 0.5, -2.0, False, []),
-    ...      LrTrial(0.3, None, None, True, [])]
-    >>> select_lr(t).lr
-    0.1
-    """
-    ok = [t for t in trials if not t.diverged and t.accuracy is not None]
-    if not ok:
-        tried = ", ".join(f"{t.lr:g}" for t in trials)
-        raise ValueError(
-            f"every learning rate of the grid diverged (NaN/inf loss or weights): {tried}; "
-            "try smaller learning rates (e.g. --lr-grid 1e-5,1e-4)"
-        )
-    return max(ok, key=lambda t: (t.accuracy, -t.lr))
-
-
-def run_trial(
-    model,
-    demonstrations,
-    lr: float,
-    evaluate: Callable[[torch.nn.Module], object],
-    *,
-    keep: Callable[[FinetuneResult, LrTrial], None] | None = None,
-) -> LrTrial:
-    """Finetune at ``lr`` and evaluate the copy with ``evaluate(ft_model)`` (which returns
-    :class:`~icl_lens.study.predict.Predictions`). ``keep(ft, trial)`` is called for a
-    converged trial, with the training-token queries recorded (e.g.
-    :meth:`BestTrial.offer`)."""
-    ft = finetune(model, demonstrations, lr=lr, record_queries=keep is not None)
-    losses = [float(x) for x in ft.losses]
-    if ft.diverged:
-        return LrTrial(lr, None, None, True, losses, ft.diverged_at)
-    pred = evaluate(ft.model)
-    scores_ok = bool(torch.isfinite(pred.scores).all())
-    if not scores_ok:  # finite weights that still overflow at evaluation
-        return LrTrial(lr, None, None, True, losses, None)
-    trial = LrTrial(lr, pred.accuracy, pred.gold_log_prob, False, losses)
-    if keep is not None:
-        keep(ft, trial)
-    return trial
-
-
-class BestTrial:
-    """The best converged trial so far (the rule of :func:`select_lr`), kept as its
-    trained K/V weights and records, not as a model copy, so that the chosen learning
-    rate is not trained a second time: :meth:`take` rebuilds the finetuned copy from the
-    original model, bitwise equal to training it again (training is deterministic).
-
-    >>> kept = BestTrial()
-    >>> trials = [run_trial(model, prompt, lr, evaluate, keep=kept.offer)
-    ...           for lr in (1e-3, 1e-2)]                               # doctest: +SKIP
-    >>> ft = kept.take(model, select_lr(trials).lr)                     # doctest: +SKIP
-    """
-
-    def __init__(self):
-        self._key: tuple[float, float] | None = None
-        self._result: FinetuneResult | None = None
-        self._kv: dict[str, Tensor] = {}
-
-    def offer(self, ft: FinetuneResult, trial: LrTrial) -> None:
-        if trial.diverged or trial.accuracy is None or ft.diverged:
-            return
-        key = (trial.accuracy, -trial.lr)
-        if self._key is not None and key <= self._key:
-            return
-        params = adapt(ft.model).kv_parameters(ft.model)
-        self._kv = {name: p.detach().clone() for name, p in params}
-        self._result = dataclasses.replace(ft, model=None)
-        self._key = key
-
-    def take(self, model, lr: float) -> FinetuneResult | None:
-        """The finetuned copy of ``model`` at ``lr`` if that is the kept trial, else None."""
-        if self._result is None or self._result.lr != float(lr):
-            return None
-        clone = copy_model(model)
-        with torch.no_grad():
-            for name, p in adapt(model).kv_parameters(clone):
-                p.copy_(self._kv[name])
-        for p in clone.parameters():
-            p.requires_grad_(False)
-        clone.eval()
-        return dataclasses.replace(self._result, model=clone)
-
-
-def search_lr(
-    model,
-    demonstrations,
-    evaluate: Callable[[torch.nn.Module], object],
-    *,
-    grid: str | Sequence[float] = "paper",
-    progress: bool = False,
-) -> tuple[LrTrial, list[LrTrial]]:
-    """Try every learning rate of ``grid`` and return (best, all trials).
-
-    ``evaluate(ft_model) -> Predictions`` on the validation queries; a diverged learning
-    rate is recorded and the grid continues.
-    """
-    trials = [
-        run_trial(model, demonstrations, lr, evaluate)
-        for lr in tqdm(lr_grid(grid), desc="lr grid", disable=not progress, leave=False)
-    ]
-    return select_lr(trials), trials
