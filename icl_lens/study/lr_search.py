@@ -14,8 +14,8 @@ the next rate past that edge (the 1-3-10 sequence: ``1e-4 -> 3e-5 -> 1e-5``,
 >>> flag = lr_edge_flag(trials, grid=(1e-4, 1e-3), max_extra=0)
 >>> flag[:60]
 'lr 0.0001 is the smallest of the grid (0.0001..0.001): FT ma'
->>> flag[-60:]
-'grid below it, e.g. --lr-grid 1e-05,3e-05,0.0001 (or lr_extend > 0)'
+>>> flag[flag.index('extend'):]
+'extend the grid below it, e.g. --lr-grid 1e-05,3e-05,0.0001 (or lr_extend > 0)'
 """
 
 from __future__ import annotations
