@@ -11,10 +11,14 @@ right shapes works, including recordings from a randomly initialised model (the
 ``simaou(zsl, icl, ft)``    attention outputs ``(n, layer, d_model)`` -> :class:`SimAOUResult`
 ``simam(zsl, icl, ft)``     lists of ``(layer, head, tokens)`` raw scores -> :class:`SimAMResult`
 ``kendall(icl, ft)``        lists of ``(layer, demo_tokens)`` scores -> :class:`MetricResult`
+``topk_recall(icl, ft)``    the same inputs -> :class:`TopKRecallResult` (the authors')
 ``bootstrap_ci(values)``    percentile bootstrap over queries
+``hierarchical_bootstrap``  over runs (demo sets, orders, draws), then queries
 ``aggregate_runs(frames)``  mean / std / min / max / n over seeds or demo orders
 ``results_frame(*results)`` one tidy frame from several results
 ``with_head_labels(frame)`` adds ``head_label``: ``L{layer}H{head}``, ``L{layer}``, ``all``
+``rec2ftp_flag``,           when a value cannot speak (:mod:`.flags`)
+``indistinguishable``
 ==========================  ===================================================
 
 Conventions shared by every result:
@@ -39,11 +43,13 @@ Conventions shared by every result:
   number). Layer and head indices are 0-based.
 - Variants: rec2ftp ``paper``; simaou ``normalised`` (paper), ``unnormalised``;
   simam ``after`` (paper), ``before`` (paper's reference), ``changes``; kendall
-  ``tau_b``.
+  ``tau_b``; topk_recall ``token`` (k = 100), ``example`` (k = 5).
 - Baselines: rec2ftp ``independent``; simaou ``random_uniform`` (paper),
   ``random_gaussian``, ``shuffled_queries``; simam ``random_uniform``,
-  ``random_gaussian``, ``shuffled_heads``, ``shuffled_queries``; kendall
-  ``random_uniform`` (paper), ``shuffled_queries``. All seeded by ``seed``.
+  ``random_gaussian``, ``shuffled_heads``, ``shuffled_queries``; kendall and
+  topk_recall ``random_uniform`` (paper), ``shuffled_queries``. All seeded by
+  ``seed``. The pipeline adds rows computed elsewhere under the same tidy format
+  (``icl_retest``, ``ft_retest``, ``untrained_weights``: ``icl_lens.study.measure``).
 - Rec2FTP is a fraction (the paper prints percent: ``Rec2FTPResult.percent``).
 - Each metric lives in a module of the same name (``analyses/simaou.py`` ...); the
   package attribute is the function, so write ``from icl_lens.analyses import simaou``
@@ -61,6 +67,9 @@ True
 from . import kendall as _kendall
 from . import simam as _simam
 from . import simaou as _simaou
+from . import topk_recall as _topk_recall
+from .flags import indistinguishable, join_flags, rec2ftp_flag
+from .hierarchical import HierarchicalCI, hierarchical_bootstrap, hierarchical_table
 from .kendall import kendall
 from .rec2ftp import Rec2FTPResult, rec2ftp
 from .result import OBSERVED, MetricResult
@@ -69,6 +78,7 @@ from .simaou import SimAOUResult, simaou
 from .summary import (
     ALL,
     FRAME_COLUMNS,
+    STAT_COLUMNS,
     aggregate_runs,
     bootstrap_ci,
     head_label,
@@ -77,6 +87,7 @@ from .summary import (
     summary_table,
     with_head_labels,
 )
+from .topk_recall import TopKRecallResult, topk_recall
 
 #: metric -> names of its variants, the paper's first.
 VARIANTS = {
@@ -84,6 +95,7 @@ VARIANTS = {
     "simaou": ("normalised", "unnormalised"),
     "simam": _simam.VARIANTS,
     "kendall": ("tau_b",),
+    "topk_recall": _topk_recall.VARIANTS,
 }
 #: metric -> names of the baselines it can compute (all by default).
 BASELINES = {
@@ -91,6 +103,7 @@ BASELINES = {
     "simaou": _simaou.BASELINES,
     "simam": _simam.BASELINES,
     "kendall": _kendall.BASELINES,
+    "topk_recall": _topk_recall.BASELINES,
 }
 
 __all__ = [
@@ -99,19 +112,28 @@ __all__ = [
     "VARIANTS",
     "FRAME_COLUMNS",
     "OBSERVED",
+    "STAT_COLUMNS",
+    "HierarchicalCI",
     "MetricResult",
     "Rec2FTPResult",
     "SimAMResult",
     "SimAOUResult",
+    "TopKRecallResult",
     "aggregate_runs",
     "bootstrap_ci",
     "head_label",
+    "hierarchical_bootstrap",
     "hierarchical_mean",
+    "hierarchical_table",
+    "indistinguishable",
+    "join_flags",
     "kendall",
     "rec2ftp",
+    "rec2ftp_flag",
     "results_frame",
     "simam",
     "simaou",
     "summary_table",
     "with_head_labels",
+    "topk_recall",
 ]

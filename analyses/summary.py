@@ -52,8 +52,8 @@ FRAME_COLUMNS = (
     "n_queries",
     "n_skipped",
 )
-#: Columns holding per-run statistics (never grouping keys in :func:`aggregate_runs`).
-STAT_COLUMNS = ("value", "ci_low", "ci_high", "n_queries", "n_skipped")
+#: Columns holding per-run statistics or notes (never grouping keys in :func:`aggregate_runs`).
+STAT_COLUMNS = ("value", "ci_low", "ci_high", "n_queries", "n_skipped", "flag")
 
 Values = Float[np.ndarray, "n ..."]
 

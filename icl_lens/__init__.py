@@ -15,13 +15,14 @@ from icl_lens.model.adapter import ModelAdapter, adapt
 from icl_lens.model.loading import load_model
 from icl_lens.model.untrained import untrained_copy
 from icl_lens.quickstart import icl_prompt, toy_model
-from icl_lens.study.compare import ComparisonSet, compare, compare_runs
+from icl_lens.study.compare import compare
 from icl_lens.study.comparison import Comparison
 from icl_lens.study.duality import Decomposition, decompose
 from icl_lens.study.finetune import FinetuneResult, finetune
 from icl_lens.study.lr_search import search_lr
 from icl_lens.study.predict import Predictions, predict
 from icl_lens.study.records import Records, record
+from icl_lens.study.runs import ComparisonSet, compare_runs
 from icl_lens.views.report import write_report
 
 __all__ = [

@@ -38,6 +38,7 @@ def args(files, out, *extra):
         "--seed", "1",
         "--out", str(out),
         "--lr-grid", "1e300,10",
+        "--lr-extend", "0",
         "--max-queries", "10",
         "--quiet",
         *extra,
@@ -71,18 +72,22 @@ def test_run_writes_results_json_and_metrics_csv(uninterrupted, files, capsys, t
     for metric in ("rec2ftp", "simaou", "simam", "kendall"):
         entry = results["metrics"][metric]
         assert isinstance(entry["value"], float) and entry["baselines"]
-        assert "untrained_weights" in entry["baselines"]
+        assert {"untrained_weights", "icl_retest", "ft_retest"} <= set(entry["baselines"])
     grid = results["lr"]["grid"]
     assert [(g["lr"], g["diverged"]) for g in grid] == [(1e300, True), (10.0, False)]
     assert results["lr"]["selected"] == 10.0
     frame = pd.read_csv(uninterrupted / "metrics.csv")
-    assert list(frame.columns) == list(FRAME_COLUMNS) and len(frame) == len(results["table"])
+    assert list(frame.columns) == [*FRAME_COLUMNS, "ft_mode", "flag"]
+    assert len(frame) == len(results["table"])
 
     out = tmp_path / "again"
     capsys.readouterr()
     assert main(args(files, out)) == 0
     printed = capsys.readouterr().out
-    assert "accuracy" in printed and "simaou" in printed and "untrained_weights" in printed
+    assert "accuracy" in printed and "simaou" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("metric"))
+    assert {"untrained", "icl_rt", "ft_rt", "shuf_q", "note"} <= set(header.split())
+    assert "lr 10 is the smallest of the grid" in printed  # the run's flag, with its advice
 
 
 def test_interrupted_run_resumes_without_redoing_finished_stages(
@@ -103,12 +108,13 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(
     assert "run the same command again to resume" in capsys.readouterr().err
     assert not (out / "results.json").exists()
     done = sorted(p.name for p in (out / "checkpoints").glob("*.pt"))
-    assert done == sorted(["zsl.pt", "icl.pt", "lr=1e+300.pt", "lr=10.0.pt"])
+    assert done == sorted(["zsl.pt", "icl.pt", "icl-retest.pt", "lr=1e+300.pt", "lr=10.0.pt"])
 
     trials, records = Spy(monkeypatch, "run_trial"), Spy(monkeypatch, "record")
     assert main(args(files, out)) == 0
     assert trials.calls == []  # the learning-rate grid was not redone
-    assert records.calls == ["ft", "zsl", "icl", "ft"]  # FT, then the control's settings
+    control = [f"control-{i}-{s}" for i in range(3) for s in ("zsl", "icl", "ft")]
+    assert records.calls == ["ft", "ft-retest", *control]  # FT, its retest, then the control
     assert json.loads((out / "results.json").read_text()) == json.loads(
         (uninterrupted / "results.json").read_text()
     )

@@ -18,7 +18,7 @@ from icl_lens.data.prompts import encode
 from icl_lens.data.task_sources import TaskLoadError, load_task
 from icl_lens.model.untrained import untrained_copy
 from icl_lens.study.comparison import Comparison
-from icl_lens.study.measure import CONTROL, measure
+from icl_lens.study.measure import CONTROL, FT_RETEST, ICL_RETEST, measure
 from icl_lens.study.predict import label_tokens
 from icl_lens.study.records import Records, record
 from tests.models import make_model
@@ -122,6 +122,7 @@ def test_compare_end_to_end_on_a_random_init_model(gpt2, task, tmp_path):
         shots=4,
         seed=1,
         lr_grid=[1e300, 10.0],  # the first diverges: recorded, and the grid goes on
+        lr_extend=0,
         n_resamples=100,
         progress=False,
     )
@@ -131,12 +132,15 @@ def test_compare_end_to_end_on_a_random_init_model(gpt2, task, tmp_path):
     assert set(cmp.accuracy) == {"zsl", "icl", "ft"}
     assert all(0.0 <= a <= 1.0 for a in cmp.accuracy.values())
     assert [t["diverged"] for t in cmp.lr_search] == [True, False] and cmp.lr == 10.0
+    # 10 is the smallest rate tried: flagged, with the way to extend the grid
+    assert any("lr 10 is the smallest" in f and "--lr-grid 1,3,10" in f for f in cmp.flags)
     assert {len(v) for v in cmp.predictions.values()} == {len(task.validation)}
     assert cmp.info["k_effective"] == 4
 
     frame = cmp.metrics()
     overall = frame[(frame["layer"] == -1) & (frame["head"] == -1)]
-    assert set(overall["metric"]) == {"rec2ftp", "simaou", "simam", "kendall"}
+    assert set(overall["metric"]) == {"rec2ftp", "simaou", "simam", "kendall", "topk_recall"}
+    assert set(frame["ft_mode"]) == {"standard"} and "flag" in frame
     # a metric with no eligible query (e.g. Rec2FTP of the random control, where no
     # query is wrong under ZSL and right under ICL: chance on a tiny model) is NaN and
     # says so with n_queries 0; every other value is finite, and the model's own rows
@@ -144,17 +148,48 @@ def test_compare_end_to_end_on_a_random_init_model(gpt2, task, tmp_path):
     empty = overall["n_queries"] == 0
     assert np.isfinite(overall["value"][~empty]).all(), overall[~np.isfinite(overall["value"])]
     assert overall["value"][empty].isna().all()
-    assert not empty[overall["baseline"] != CONTROL].any(), overall[empty]
+    retest = {ICL_RETEST, FT_RETEST}
+    # the authors' top-k (k = 100 tokens, 5 demonstrations) is undefined with fewer
+    # tokens or demonstrations than that (both top-k sets would be everything)
+    few_tokens = overall["metric"] == "topk_recall"
+    assert cmp.info["demonstration_tokens"] <= 100 and empty[few_tokens].all()
+    own = ~overall["baseline"].isin([CONTROL, *retest]) & ~few_tokens
+    assert not empty[own].any(), overall[empty & own]
     expected = {
-        ("rec2ftp", "paper"): {"independent"},
-        ("simaou", "normalised"): {"random_uniform", "random_gaussian", "shuffled_queries"},
-        ("simaou", "unnormalised"): {"random_uniform", "random_gaussian", "shuffled_queries"},
-        ("simam", "changes"): {"random_uniform", "shuffled_heads", "shuffled_queries"},
-        ("kendall", "tau_b"): {"random_uniform", "shuffled_queries"},
+        ("rec2ftp", "paper"): {"independent", *retest},
+        ("simaou", "normalised"): {
+            "random_uniform",
+            "random_gaussian",
+            "shuffled_queries",
+            *retest,
+        },
+        ("simaou", "unnormalised"): {"random_uniform", "shuffled_queries", *retest},
+        ("simam", "changes"): {"random_uniform", "shuffled_heads", "shuffled_queries", *retest},
+        ("simam", "before"): {"random_uniform", "shuffled_heads", "shuffled_queries"},
+        ("kendall", "tau_b"): {"random_uniform", "shuffled_queries", *retest},
+        ("topk_recall", "token"): {"random_uniform", "shuffled_queries", *retest},
+        ("topk_recall", "example"): {"random_uniform", "shuffled_queries", *retest},
     }
     for (metric, variant), names in expected.items():
         rows = overall[(overall["metric"] == metric) & (overall["variant"] == variant)]
         assert names | {"none", CONTROL} <= set(rows["baseline"]), (metric, variant)
+    # SimAM before (ICL vs ZSL) compares nothing with FT: no retest rows
+    before = overall[(overall["metric"] == "simam") & (overall["variant"] == "before")]
+    assert not set(before["baseline"]) & retest
+    # the control: the mean over its draws, each draw kept in results.json
+    assert cmp.control["n_draws"] == 3 and len(cmp.control["draws"]) == 3
+    spread = cmp.control["spread"]["standard"]["simaou"]["normalised"]
+    control_row = overall.query("metric == 'simaou' and variant == 'normalised'")
+    control_row = control_row[control_row["baseline"] == CONTROL]
+    assert control_row["value"].item() == pytest.approx(np.mean(spread["draws"]))
+    # its interval covers the draws' spread, not only each draw's queries
+    low, high = control_row["ci_low"].item(), control_row["ci_high"].item()
+    draws = cmp.values["simaou", "normalised", CONTROL, "standard"]
+    assert sorted(draws) == [(0,), (1,), (2,)]
+    widths = [
+        np.subtract(*il.analyses.bootstrap_ci(x, n_resamples=100)[::-1]) for x in draws.values()
+    ]
+    assert low < np.mean(spread["draws"]) < high and high - low > max(widths)
     # per-layer and per-head breakdowns
     simam = frame[(frame["metric"] == "simam") & (frame["baseline"] == "none")]
     assert {(la, h) for la, h in zip(simam["layer"], simam["head"], strict=True) if h >= 0} == {
@@ -166,9 +201,10 @@ def test_compare_end_to_end_on_a_random_init_model(gpt2, task, tmp_path):
     path = cmp.to_json(tmp_path / "results.json")
     data = json.loads(path.read_text())
     assert set(data["accuracy"]) == {"zsl", "icl", "ft"}
-    for metric in ("rec2ftp", "simaou", "simam", "kendall"):
-        assert {"value", "baselines"} <= set(data["metrics"][metric])
-        assert CONTROL in data["metrics"][metric]["baselines"]
+    for metric in ("rec2ftp", "simaou", "simam", "kendall", "topk_recall"):
+        assert {"value", "baselines", "flag"} <= set(data["metrics"][metric])
+        assert {CONTROL, *retest} <= set(data["metrics"][metric]["baselines"])
+    assert data["flags"] == cmp.flags and data["ft_modes"]["standard"]["lr"] == cmp.lr
     back = Comparison.from_json(path)
     assert back.accuracy == cmp.accuracy and back.predictions == cmp.predictions
     assert back.lr == cmp.lr and back.lr_search == json.loads(json.dumps(cmp.lr_search))
@@ -190,7 +226,8 @@ def test_rotary_gqa_model_and_the_dai2023_protocol(task):
         n_resamples=50,
         progress=False,
     )
-    overall = cmp.metrics().query("layer == -1 and head == -1 and metric != 'rec2ftp'")
+    overall = cmp.metrics().query("layer == -1 and head == -1 and baseline == 'none'")
+    overall = overall[~overall["metric"].isin(["rec2ftp", "topk_recall"])]  # 4 shots: k >= n
     assert np.isfinite(overall["value"]).all()
     assert cmp.config["protocol"] == "dai2023"
 
@@ -206,8 +243,52 @@ def test_rotary_gqa_model_and_the_dai2023_protocol(task):
     assert at_pred.positions.tolist() == [len(q) - 1 for q in queries]
     assert at_label.positions.tolist() == [len(q) for q in queries]
     torch.testing.assert_close(at_label.class_scores, at_pred.class_scores)
-    assert [s.shape[-1] for s in at_label.query_scores] == [len(q) + 2 for q in queries]
+    # the query's tokens and the appended one, BOS left out as the authors'
+    # attn_map[:, :, -1, c_len:] (c_len counts BOS); at the prediction position BOS is in
+    assert [s.shape[-1] for s in at_label.query_scores] == [len(q) + 1 for q in queries]
+    assert [s.shape[-1] for s in at_pred.query_scores] == [len(q) + 1 for q in queries]
     assert not torch.allclose(at_label.attn_out, at_pred.attn_out)
+
+
+def test_dai2023_trains_and_ranks_as_the_authors(gpt2, task):
+    """The authors' FT sequence is BOS + input + label (no separator), and their Kendall
+    slice of the ICL scores skips one separator token after each demonstration
+    (LMOps compute_training_example_attn.py slice_icl_attn_map): the kept ICL columns and
+    the FT training tokens are the same tokens, in the same order."""
+    from icl_lens.study.finetune import training_sequences
+    from icl_lens.study.orders import kept_columns
+
+    prompt = il.task_prompt(gpt2.tokenizer, task.spec, task.train[:3], task.validation[0])
+    assert prompt.separator_lengths == (1, 1, 1)
+    columns = kept_columns(prompt, separators=False)
+    demo_tokens = prompt.tokens[1 : prompt.query_start]
+    trained = torch.cat([s[1:] for s in training_sequences(prompt, separators=False)])
+    assert torch.equal(demo_tokens[columns], trained)
+    sep = encode(gpt2.tokenizer, task.spec.separator)
+    assert len(demo_tokens) - len(columns) == 3 and sep[0] not in trained.tolist()
+    # with separators (the "prediction" protocol) every demonstration token is trained on
+    assert kept_columns(prompt) is None
+    with_sep = torch.cat([s[1:] for s in training_sequences(prompt)])
+    assert torch.equal(with_sep, demo_tokens)
+
+
+def test_dai2023_simam_leaves_bos_out(gpt2, task):
+    """SimAM under dai2023 reads attn_map[:, :, -1, c_len:] with c_len counting BOS: the
+    recorded row is the score row of the appended token without its BOS column."""
+    from icl_lens.hooks import Capture
+
+    spec, tok = task.spec, gpt2.tokenizer
+    labels = label_tokens(tok, spec)
+    q = torch.tensor(encode(tok, spec.format_query(task.validation[0])))
+    bos = torch.tensor([tok.bos_token_id])
+    rec = record(gpt2, bos, [q], labels, protocol="dai2023")
+    full = torch.cat([bos, q, torch.tensor(labels.first[:1])])
+    adapter = il.adapt(gpt2)
+    cap = Capture(adapter, what={"scores"})
+    with adapter.inference():
+        cap.run(full[None], positions=torch.tensor([[len(full) - 1]]))
+    row = torch.stack([cap.values["scores", la][0, 0] for la in range(adapter.n_layers)])
+    torch.testing.assert_close(rec.query_scores[0], row[..., 1:].float())
 
 
 def test_checkpoints_resume_and_refuse_other_settings(gpt2, task, tmp_path):

@@ -24,8 +24,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import pandas as pd
-
 from icl_lens.cli.out_dir import claim_output_directory
 from icl_lens.data.local_files import HOLDOUT_SEED, VALIDATION_FRACTION
 from icl_lens.errors import UserError
@@ -111,10 +109,37 @@ def register(subparsers) -> None:
         "--max-queries", type=int, default=2000, help="validation queries (default 2000)"
     )
     p.add_argument(
+        "--lr-extend",
+        type=int,
+        default=2,
+        help="extra learning rates tried past an edge of the grid where the best one sits "
+        "(default 2, one decade; 0: none, the run is flagged)",
+    )
+    p.add_argument(
+        "--lr-selection",
+        choices=("queries", "holdout"),
+        default="queries",
+        help="choose the FT learning rate on the measured queries (default, as the authors) "
+        "or on held-out training examples that are neither demonstrations nor measured",
+    )
+    p.add_argument(
+        "--lr-holdout",
+        type=int,
+        default=None,
+        help="size of the held-out lr-selection split (default: as many as the queries)",
+    )
+    p.add_argument(
         "--protocol",
         choices=("prediction", "dai2023"),
         default="prediction",
-        help="where to record (default: the prediction position)",
+        help="'prediction' (default): record at the prediction position; 'dai2023': the "
+        "authors' code in each point (docs/method.md)",
+    )
+    p.add_argument(
+        "--ft-mode",
+        choices=("standard", "layer_causal", "both"),
+        default="standard",
+        help="FT as the paper (default), Deutch et al.'s layer-causal variant, or both",
     )
     p.add_argument(
         "--order-seed", type=int, default=None, help="re-order the demonstrations with this seed"
@@ -124,6 +149,17 @@ def register(subparsers) -> None:
         "--kendall-queries", type=int, default=100, help="queries used by Kendall (default 100)"
     )
     p.add_argument("--no-control", action="store_true", help="skip the untrained-weights control")
+    p.add_argument(
+        "--control-draws",
+        type=int,
+        default=3,
+        help="random draws of the untrained-weights control (default 3)",
+    )
+    p.add_argument(
+        "--no-retest",
+        action="store_true",
+        help="skip the test-retest ceilings (ICL and FT again in another order)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     p.add_argument(
@@ -179,31 +215,6 @@ def load_run_model(args):
     except (OSError, ImportError, *USER_ERRORS) as err:
         shown = args.model[0] + (f" (+{len(args.model) - 1} chunks)" if len(args.model) > 1 else "")
         raise UserError(f"could not load model {shown}: {err}") from err
-
-
-def format_table(cmp) -> str:
-    """Accuracies, then one row per metric and variant with its baselines ('' where a
-    baseline does not apply, NaN where a value is undefined)."""
-    acc = "  ".join(f"{k} {v:.3f}" for k, v in cmp.accuracy.items())
-    table = cmp.table()
-    shown = table.round(4).astype(object)
-    overall = cmp.metrics().query("layer == -1 and head == -1")
-    applies = overall.assign(x=True).pivot_table(
-        index=["metric", "variant"], columns="baseline", values="x", aggfunc="any"
-    )
-    for col in table.columns[3:]:
-        ok = applies[col].reindex(table.index).fillna(False).astype(bool)
-        shown.loc[~ok.to_numpy(), col] = ""
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        text = shown.to_string()
-    lines = [f"accuracy  {acc}   (lr {cmp.lr:g}, k={cmp.info['k_effective']})", text]
-    counts = cmp.info.get("rec2ftp_counts") or {}
-    if counts.get("n_ft_recovered") == 0:
-        lines.append(
-            f"rec2ftp is undefined: FT fixes none of the {counts.get('n_zsl_wrong')} queries "
-            "that ZSL gets wrong"
-        )
-    return "\n".join(lines)
 
 
 def model_argument(values: list[str]) -> str | list[str]:
@@ -297,6 +308,7 @@ def run(args, *, model=None) -> int:
 
 
 def _run(args, model=None) -> int:
+    from icl_lens.cli.tables import format_table
     from icl_lens.data.task_sources import TaskLoadError, load_task
     from icl_lens.study.compare import compare
     from icl_lens.views.run_data import save_views
@@ -334,9 +346,15 @@ def _run(args, model=None) -> int:
                 order_seed=args.order_seed,
                 balanced=args.balanced,
                 lr_grid=args.lr_grid,
+                lr_extend=args.lr_extend,
+                lr_selection=args.lr_selection,
+                lr_holdout=args.lr_holdout,
                 protocol=args.protocol,
+                ft_mode=args.ft_mode,
                 kendall_queries=args.kendall_queries,
+                retest=not args.no_retest,
                 control=not args.no_control,
+                n_draws=args.control_draws,
                 batch_size=args.batch_size,
                 checkpoint_dir=args.out / "checkpoints",
                 progress=not args.quiet,
@@ -359,7 +377,7 @@ def _run(args, model=None) -> int:
             f"{args.out / 'checkpoints'}",
             file=sys.stderr,
         )
-    print(format_table(cmp))
+    print(format_table(cmp, legend=True))
     if not args.quiet:
         print(
             f"wrote {args.out / 'results.json'}, {args.out / 'metrics.csv'} and "

@@ -19,18 +19,28 @@ True
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from icl_lens.files import atomic_write_bytes, atomic_write_text
+from icl_lens.study.records import Records
 
-__all__ = ["Checkpoints", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "Checkpoints",
+    "Stages",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fingerprint_model",
+    "fingerprint_task",
+]
 
 
 def _file_name(stage: str) -> str:
@@ -80,3 +90,57 @@ class Checkpoints:
         atomic_write_bytes(self.path(stage), buffer.getvalue())
         self.computed.append(stage)
         return obj
+
+
+def fingerprint_model(model) -> str:
+    """Cheap identity of the weights (shapes and float64 sums), for checkpoint checks."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().double()
+            h.update(
+                f"{name}{tuple(p.shape)}{x.sum().item():.10e}{x.abs().sum().item():.10e}".encode()
+            )
+    return h.hexdigest()[:16]
+
+
+def fingerprint_task(task) -> str:
+    h = hashlib.sha256(repr(task.spec).encode())
+    for split in (task.train, task.validation):
+        for ex in split:
+            h.update(repr((sorted(ex.fields.items()), ex.label)).encode())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+class Stages:
+    """Finished stages: checkpointed (``store``), shared between calls (``memo``: the ZSL
+    recordings, which do not depend on the demonstrations), counted on a progress bar."""
+
+    def __init__(self, store, memo, memo_key, bar):
+        self.store, self.memo, self.memo_key, self.bar = store, memo, memo_key, bar
+
+    def get(self, name: str, compute: Callable[[], Any], *, share: bool = False) -> Any:
+        self.bar.set_postfix_str(name)
+        if share and self.memo is not None:
+            key = (self.memo_key, name)
+            inner = compute
+
+            def compute():
+                if key not in self.memo:
+                    self.memo[key] = inner()
+                return self.memo[key]
+
+        if self.store is not None:
+            found = self.store.get(name)
+            if found is not None:
+                self.bar.update(1)
+                return found
+        value = compute()
+        if self.store is not None:
+            value = self.store.put(name, value)
+        self.bar.update(1)
+        return value
+
+    def records(self, name: str, compute: Callable[[], Records], **kw) -> Records:
+        return Records.from_dict(self.get(name, lambda: compute().to_dict(), **kw))

@@ -1,10 +1,14 @@
 """The result of :func:`icl_lens.study.compare`: accuracies, predictions, metrics, JSON.
 
 ``Comparison.metrics()`` is the tidy frame of :mod:`icl_lens.analyses` (one row per
-metric, variant, baseline, layer, head) with the untrained-weights control as extra
-``baseline == "untrained_weights"`` rows. ``summary()`` is the compact view written to
-``results.json`` under ``"metrics"``: per metric its value (the paper's variant), CI,
-baselines, and every variant.
+metric, variant, baseline, layer, head) with rows computed elsewhere under their own
+``baseline`` (the test-retest ceilings ``icl_retest`` / ``ft_retest``, the
+untrained-weights control ``untrained_weights``), and two more columns: ``ft_mode``
+(the FT variant the row's FT side comes from) and ``flag`` (why a value cannot speak:
+Rec2FTP fixed by the accuracies, an interval that overlaps a shuffled pairing's; None
+otherwise). ``summary()`` is the compact view written to ``results.json`` under
+``"metrics"``: per metric its value (the paper's variant), CI, baselines, flag, and
+every variant.
 
 >>> import pandas as pd
 >>> from icl_lens import analyses
@@ -36,8 +40,17 @@ __all__ = ["ACCURACY", "PAPER_VARIANT", "Comparison"]
 
 ACCURACY = "accuracy"
 """``metric`` of the accuracy rows of :meth:`Comparison.accuracy_frame`."""
-PAPER_VARIANT = {"rec2ftp": "paper", "simaou": "normalised", "simam": "after", "kendall": "tau_b"}
-"""The variant each metric reports as its ``value`` (the paper's definition)."""
+PAPER_VARIANT = {
+    "rec2ftp": "paper",
+    "simaou": "normalised",
+    "simam": "after",
+    "kendall": "tau_b",
+    "topk_recall": "token",
+}
+"""The variant each metric reports as its ``value`` (the paper's / authors' definition)."""
+
+EXTRA_COLUMNS = ("ft_mode", "flag")
+"""Columns of a comparison's frame beyond the analyses' tidy ``FRAME_COLUMNS``."""
 
 _INT_COLUMNS = ("layer", "head", "n_queries", "n_skipped")
 _FLOAT_COLUMNS = ("value", "ci_low", "ci_high")
@@ -68,10 +81,17 @@ class Comparison:
     - ``predictions``: ``{"gold", "zsl", "icl", "ft"}`` per-query class indices.
     - ``frame``: the tidy metric frame (see :meth:`metrics`).
     - ``lr``: the selected FT learning rate; ``lr_search``: every trial (lr, accuracy,
-      gold_log_prob, diverged, losses).
-    - ``control``: accuracies of the untrained-weights control (None if not run).
+      gold_log_prob, diverged, losses), both of the first FT mode.
+    - ``ft_modes``: per FT mode its accuracy, lr, lr search, lr flag and Rec2FTP counts.
+    - ``flags``: what the run cannot say (an lr at the edge of its grid, a missing ceiling).
+    - ``control``: the untrained-weights control: draws, their accuracies, and per FT
+      mode the spread of each metric over the draws (None if not run).
     - ``config`` / ``info``: what was asked for, and what happened (effective k, ...).
-    - ``results``: the analyses result objects (not serialised; None after from_json).
+    - ``results``: the analyses result objects of the first FT mode (not serialised;
+      None after from_json).
+    - ``values``: per-query values of every overall row, ``{(metric, variant, baseline,
+      ft_mode): {sub_key: values}}`` (``sub_key`` ``()``, or ``(draw,)`` for the control),
+      the inputs of a bootstrap over several runs (not serialised).
     - ``stages``: which pipeline stages this call ``loaded`` from checkpoints and which
       it ``computed`` (not serialised).
     """
@@ -84,7 +104,10 @@ class Comparison:
     control: dict[str, Any] | None = None
     config: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    ft_modes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)
     results: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    values: dict[tuple, dict[tuple, Any]] = field(default_factory=dict, repr=False, compare=False)
     stages: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
     prompt: Any = field(default=None, repr=False, compare=False)
     """The ICL prompt of the first validation query (not serialised)."""
@@ -135,32 +158,58 @@ class Comparison:
         ``L{layer}`` or ``all``)."""
         return with_head_labels(self.frame)
 
-    def table(self) -> pd.DataFrame:
-        """One row per (metric, variant), in the frame's order: value, CI and one column
-        per baseline (NaN where a baseline does not apply or the value is undefined)."""
+    @property
+    def primary_mode(self) -> str | None:
+        """The FT mode whose numbers ``accuracy["ft"]``, ``lr`` and ``summary()`` show."""
+        if "ft_mode" not in self.frame or self.frame.empty:
+            return None
+        return str(self.frame["ft_mode"].iloc[0])
+
+    def _overall(self, ft_mode: str | None) -> pd.DataFrame:
         f = self.frame[(self.frame["layer"] == ALL) & (self.frame["head"] == ALL)]
+        if "ft_mode" in f:
+            f = f[f["ft_mode"] == (ft_mode or self.primary_mode)]
+        return f
+
+    def table(self, ft_mode: str | None = None) -> pd.DataFrame:
+        """One row per (metric, variant) of one FT mode (default: the first), in the
+        frame's order: value, CI, one column per baseline (NaN where a baseline does not
+        apply or the value is undefined), and ``flag``."""
+        f = self._overall(ft_mode)
         key = ["metric", "variant"]
-        obs = f[f["baseline"] == OBSERVED].set_index(key)[["value", "ci_low", "ci_high"]]
+        cols = ["value", "ci_low", "ci_high"] + (["flag"] if "flag" in f else [])
+        obs = f[f["baseline"] == OBSERVED].set_index(key)[cols]
+        flag = obs.pop("flag") if "flag" in obs else None
         others = f[f["baseline"] != OBSERVED]
         for name in others["baseline"].drop_duplicates():
             obs[name] = others[others["baseline"] == name].set_index(key)["value"]
+        if flag is not None:
+            obs["flag"] = flag
         return obs
 
-    def summary(self) -> dict[str, dict[str, Any]]:
-        """Per metric: ``value`` (paper variant), ``ci``, ``baselines`` and ``variants``."""
-        f = self.frame[(self.frame["layer"] == ALL) & (self.frame["head"] == ALL)]
+    def summary(self, ft_mode: str | None = None) -> dict[str, dict[str, Any]]:
+        """Per metric: ``value`` (paper variant), ``ci``, ``baselines``, ``flag`` and
+        ``variants``, for one FT mode (default: the first)."""
+        f = self._overall(ft_mode)
         out: dict[str, dict[str, Any]] = {}
         for metric, rows in f.groupby("metric", sort=False):
             variants = {}
             for variant, vrows in rows.groupby("variant", sort=False):
                 by = vrows.set_index("baseline")
                 obs = by.loc[OBSERVED]
+                flag = obs.get("flag") if "flag" in by else None
                 variants[variant] = {
                     "value": float(obs["value"]),
                     "ci": [float(obs["ci_low"]), float(obs["ci_high"])],
                     "n_queries": int(obs["n_queries"]),
                     "n_skipped": int(obs["n_skipped"]),
                     "baselines": {b: float(r["value"]) for b, r in by.iterrows() if b != OBSERVED},
+                    "baseline_cis": {
+                        b: [float(r["ci_low"]), float(r["ci_high"])]
+                        for b, r in by.iterrows()
+                        if b != OBSERVED
+                    },
+                    "flag": flag if isinstance(flag, str) else None,
                 }
             main = variants.get(PAPER_VARIANT.get(metric, ""), next(iter(variants.values())))
             out[metric] = {
@@ -168,9 +217,13 @@ class Comparison:
                 "ci": main["ci"],
                 "variant": PAPER_VARIANT.get(metric),
                 "baselines": main["baselines"],
+                "flag": main["flag"],
                 "variants": variants,
             }
-        extra = self.info.get("rec2ftp_counts")
+        mode = ft_mode or self.primary_mode
+        extra = (self.ft_modes.get(mode) or {}).get("rec2ftp_counts") or self.info.get(
+            "rec2ftp_counts"
+        )
         if extra and "rec2ftp" in out:
             out["rec2ftp"]["counts"] = extra
         return out
@@ -179,12 +232,18 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: ``accuracy``, ``metrics`` (the summary), ``table`` (all frame rows),
         predictions, lr search, control, config, info. NaN is written as null."""
-        rows = self.frame[list(FRAME_COLUMNS)].to_dict(orient="records")
+        columns = [*FRAME_COLUMNS, *(c for c in EXTRA_COLUMNS if c in self.frame)]
+        rows = self.frame[columns].to_dict(orient="records")
+        modes = {
+            mode: {**entry, "metrics": self.summary(mode)} for mode, entry in self.ft_modes.items()
+        }
         return _clean(
             {
                 "accuracy": self.accuracy,
                 "metrics": self.summary(),
+                "flags": self.flags,
                 "lr": {"selected": self.lr, "grid": self.lr_search},
+                "ft_modes": modes,
                 "control": self.control,
                 "predictions": self.predictions,
                 "config": self.config,
@@ -195,7 +254,12 @@ class Comparison:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Comparison:
-        frame = pd.DataFrame(data.get("table", []), columns=list(FRAME_COLUMNS))
+        rows = data.get("table", [])
+        extra = [c for c in EXTRA_COLUMNS if rows and c in rows[0]]
+        frame = pd.DataFrame(rows, columns=[*FRAME_COLUMNS, *extra])
+        if "flag" in frame:
+            flags = [x if isinstance(x, str) else None for x in frame["flag"]]
+            frame["flag"] = pd.Series(flags, index=frame.index, dtype=object)
         for col in _FLOAT_COLUMNS:
             frame[col] = frame[col].map(_num).astype(np.float64)
         for col in _INT_COLUMNS:
@@ -210,6 +274,11 @@ class Comparison:
             control=data.get("control"),
             config=data.get("config", {}),
             info=data.get("info", {}),
+            ft_modes={
+                mode: {k: v for k, v in entry.items() if k != "metrics"}
+                for mode, entry in (data.get("ft_modes") or {}).items()
+            },
+            flags=list(data.get("flags") or []),
         )
 
     def to_json(self, path: str | os.PathLike) -> Path:

@@ -5,8 +5,9 @@ The authors chose the learning rate of their FT baseline by validation accuracy 
 rule with an explicit tie-break (the smaller rate). A rate that wins at the *edge* of the
 grid says the grid did not bracket the best rate: at the small end FT may barely have
 moved the model, at the large end a larger rate might do better. :func:`next_lr` proposes
-the next rate past that edge (the 1-3-10 sequence: ``1e-4 -> 3e-5 -> 1e-5``,
-``3 -> 10 -> 30``) and :func:`lr_edge_flag` words the flag a result carries.
+the next rate past an edge whose rate reaches the best accuracy (the 1-3-10 sequence:
+``1e-4 -> 3e-5 -> 1e-5``, ``3 -> 10 -> 30``) and :func:`lr_edge_flag` words the flag a
+result carries when the chosen rate is still at an edge.
 
 >>> trials = [LrTrial(1e-4, 0.8, None, False, []), LrTrial(1e-3, 0.6, None, False, [])]
 >>> select_lr(trials).lr, next_lr(trials, grid=(1e-4, 1e-3), max_extra=2)
@@ -15,7 +16,7 @@ the next rate past that edge (the 1-3-10 sequence: ``1e-4 -> 3e-5 -> 1e-5``,
 >>> flag[:60]
 'lr 0.0001 is the smallest of the grid (0.0001..0.001): FT ma'
 >>> flag[flag.index('extend'):]
-'extend the grid below it, e.g. --lr-grid 1e-05,3e-05,0.0001 (or lr_extend > 0)'
+'extend the grid below it, e.g. --lr-grid 1e-05,3e-05,0.0001 (or --lr-extend N / lr_extend=N)'
 """
 
 from __future__ import annotations
@@ -148,13 +149,14 @@ def _one_three(v: float, direction: int) -> float:
 
 
 def next_lr(trials: Sequence[LrTrial], *, grid: Sequence[float], max_extra: int) -> float | None:
-    """The next learning rate to try past the edge where the selected one sits, or None.
+    """The next learning rate to try past an edge of the rates tried, or None.
 
-    ``grid``: the rates asked for; every other trial is an extension. Extends while the
-    selected rate is at an edge, fewer than ``max_extra`` extensions were tried, and the
-    latest extension (if any) strictly improved the best accuracy of the trials before it.
-    Towards larger rates a diverged trial ends it (the selected rate is then inside). A
-    grid of one rate is the user's fixed choice: never extended, never flagged.
+    ``grid``: the rates asked for; a trial outside their range is an extension. The grid
+    grows past an edge while the rate at that edge reaches the best accuracy (so a grid
+    where every rate ties grows both ways), fewer than ``max_extra`` rates were added past
+    that edge, and the latest of them strictly improved on every trial before it. Larger
+    rates first; a diverged rate ends growth upwards. A grid of one rate is the user's
+    fixed choice: never extended.
 
     >>> t = [LrTrial(0.1, 0.6, None, False, []), LrTrial(0.3, 0.9, None, False, [])]
     >>> next_lr(t, grid=(0.1, 0.3), max_extra=2)
@@ -162,23 +164,29 @@ def next_lr(trials: Sequence[LrTrial], *, grid: Sequence[float], max_extra: int)
     >>> next_lr(t + [LrTrial(1.0, 0.9, None, False, [])], grid=(0.1, 0.3), max_extra=2) is None
     True
     """
-    edge = lr_edge(trials)
-    if edge is None or max_extra <= 0 or len(set(grid)) < 2:
+    if max_extra <= 0 or len(set(grid)) < 2:
         return None
-    asked = {float(x) for x in grid}
-    extra = [t for t in trials if t.lr not in asked]
-    if len(extra) >= max_extra:
+    ok = [t for t in trials if not t.diverged and t.accuracy is not None]
+    if not ok:
         return None
-    if extra:
-        before = [t for t in trials if t is not extra[-1]]
-        ok = [t.accuracy for t in before if not t.diverged and t.accuracy is not None]
-        latest = extra[-1].accuracy
-        if ok and (latest is None or latest <= max(ok)):
-            return None
-    lrs = [t.lr for t in trials]
-    if edge == "high":
-        return _one_three(max(lrs), +1)
-    return _one_three(min(lrs), -1)
+    best = max(t.accuracy for t in ok)
+    lo, hi = min(grid), max(grid)
+    for direction, beyond in ((+1, lambda x: x > hi), (-1, lambda x: x < lo)):
+        edge = (max if direction > 0 else min)(trials, key=lambda t: t.lr)
+        if edge.diverged or edge.accuracy is None or edge.accuracy < best:
+            continue
+        added = [i for i, t in enumerate(trials) if beyond(t.lr)]
+        if len(added) >= max_extra:
+            continue
+        if added:
+            latest = trials[added[-1]]
+            before = [
+                t.accuracy for t in trials[: added[-1]] if not t.diverged and t.accuracy is not None
+            ]
+            if before and latest.accuracy <= max(before):
+                continue
+        return _one_three(edge.lr, direction)
+    return None
 
 
 def lr_edge_flag(trials: Sequence[LrTrial], *, grid: Sequence[float], max_extra: int) -> str | None:
@@ -207,8 +215,8 @@ def lr_edge_flag(trials: Sequence[LrTrial], *, grid: Sequence[float], max_extra:
     text = f"lr {best:g} is the {where} of the grid ({span}): {meaning}; "
     if extra:
         tried = ", ".join(f"{x:g}" for x in extra)
-        return text + f"the grid was extended with {tried} (at most {max_extra}); {how}"
-    return text + how + (" (or lr_extend > 0)" if max_extra <= 0 else "")
+        return text + f"the grid was extended with {tried} (at most {max_extra} a side); {how}"
+    return text + how + (" (or --lr-extend N / lr_extend=N)" if max_extra <= 0 else "")
 
 
 def run_trial(

@@ -4,8 +4,9 @@ For each query, at one recorded position and for every layer (method.md section 
 
 - ``attn_out``: the attention block output (after W_O, before the residual add);
 - ``query_scores``: raw pre-softmax scores ``q.k / sqrt(d_head)`` of every head to the
-  query-side tokens (BOS and the query's tokens up to the position; demonstration
-  columns left out, so ZSL, ICL and FT rows have the same length);
+  query-side tokens (the query's tokens up to the position, and BOS under
+  ``"prediction"``; demonstration columns left out, so ZSL, ICL and FT rows have the
+  same length);
 - ``q`` (first ``keep_queries`` queries): the query vector of every head (post-rotary
   where the model rotates), for Kendall's FT side;
 - ``demo_scores`` (ICL only, first ``keep_queries`` queries): the scores to each
@@ -17,7 +18,9 @@ Two protocols place the recorded position:
 - ``"prediction"`` (default): the last prompt token, where the prediction is made.
 - ``"dai2023"``: the authors' code appends the first candidate's label word (its first
   token) after the prompt and records there. The prediction still comes from the
-  position before it (causal attention: the appended token cannot change it).
+  position before it (causal attention: the appended token cannot change it). Its
+  SimAM rows leave BOS out as the authors' ``attn_map[:, :, -1, c_len:]`` does, where
+  ``c_len`` counts BOS (LMOps ``understand_icl/struprompting/criterions/fs_eval.py``).
 
 The position is the same across ZSL, ICL and FT, so comparisons are consistent.
 
@@ -88,10 +91,12 @@ class Records:
         return cls(**data)
 
 
-def _query_side(row: Tensor, prefix_length: int, position: int) -> Tensor:
-    """Columns of BOS and the query tokens up to ``position`` from a score row
-    ``[layer, head, key_pos]`` that covers prefix + query."""
-    cols = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(position + 1) + prefix_length])
+def _query_side(row: Tensor, prefix_length: int, position: int, *, bos: bool = True) -> Tensor:
+    """Columns of BOS (if ``bos``) and the query tokens up to ``position`` from a score
+    row ``[layer, head, key_pos]`` that covers prefix + query."""
+    cols = torch.arange(position + 1) + prefix_length
+    if bos:
+        cols = torch.cat([torch.zeros(1, dtype=torch.long), cols])
     return row[..., cols]
 
 
@@ -151,7 +156,8 @@ def record(
         )
         scores = torch.stack([v["scores", la][:, 0] for la in layers], dim=1)  # b l h key
         for b, p in enumerate(pos):
-            query_scores.append(_query_side(scores[b], n_prefix, p).clone())
+            keep_bos = protocol != "dai2023"
+            query_scores.append(_query_side(scores[b], n_prefix, p, bos=keep_bos).clone())
             if start + b < keep and n_prefix > 1:
                 demo_scores.append(scores[b, :, :, 1:n_prefix].sum(dim=1))
         positions += pos

@@ -1,0 +1,110 @@
+"""When a number cannot speak: flags for values that carry no evidence either way.
+
+- :func:`rec2ftp_flag`: Rec2FTP is fixed by the accuracies, whatever the two methods
+  share, when ICL is right on all (or none) of the queries ZSL gets wrong (it is then 1
+  (or 0)), or FT is right on all of them (it then equals its independent baseline), or
+  it is undefined (ZSL is never wrong, or FT fixes nothing). An ICL or FT accuracy of 0%
+  or 100% is one of these cases.
+- :func:`indistinguishable`: a value whose interval overlaps the interval of a shuffled
+  pairing (or Rec2FTP's independent baseline) is not distinguishable from what
+  unrelated queries or heads give.
+
+>>> import pandas as pd
+>>> frame = pd.DataFrame({
+...     "metric": ["simaou"] * 2, "variant": ["normalised"] * 2,
+...     "baseline": ["none", "shuffled_queries"], "layer": [-1, -1], "head": [-1, -1],
+...     "value": [0.50, 0.45], "ci_low": [0.40, 0.42], "ci_high": [0.60, 0.48]})
+>>> indistinguishable(frame).tolist()
+['not distinguishable from shuffled_queries', None]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from .rec2ftp import Rec2FTPResult
+from .result import OBSERVED
+
+__all__ = ["NULL_BASELINES", "indistinguishable", "join_flags", "rec2ftp_flag"]
+
+NULL_BASELINES = ("shuffled_queries", "shuffled_heads", "independent")
+"""Baselines a value must be told apart from to mean anything about ICL and FT."""
+
+
+def rec2ftp_flag(result: Rec2FTPResult) -> str | None:
+    """Why a Rec2FTP value says nothing about ICL and FT fixing the same queries, or None.
+
+    >>> from icl_lens.analyses import rec2ftp
+    >>> rec2ftp_flag(rec2ftp(zsl=[0, 0, 1], icl=[1, 1, 1], ft=[1, 0, 1]))
+    'uninformative: ICL is right on every query ZSL gets wrong, so Rec2FTP is 1 whatever FT does'
+    >>> rec2ftp_flag(rec2ftp(zsl=[0, 0, 0, 1], icl=[1, 0, 1, 1], ft=[1, 0, 0, 1])) is None
+    True
+    """
+    wrong, icl, ft = result.n_zsl_wrong, result.n_icl_recovered, result.n_ft_recovered
+    if wrong == 0:
+        return "undefined: ZSL gets every query right"
+    if ft == 0:
+        return "undefined: FT fixes none of the queries ZSL gets wrong"
+    if icl == wrong:
+        return (
+            "uninformative: ICL is right on every query ZSL gets wrong, so Rec2FTP is 1 "
+            "whatever FT does"
+        )
+    if icl == 0:
+        return (
+            "uninformative: ICL is right on none of the queries ZSL gets wrong, so Rec2FTP "
+            "is 0 whatever FT does"
+        )
+    if ft == wrong:
+        return (
+            "uninformative: FT is right on every query ZSL gets wrong, so Rec2FTP equals "
+            "its independent baseline"
+        )
+    if result.n_both * wrong == icl * ft:
+        return "uninformative: equal to its independent baseline"
+    return None
+
+
+def indistinguishable(
+    frame: pd.DataFrame,
+    *,
+    against: Sequence[str] = NULL_BASELINES,
+    by: Sequence[str] | None = None,
+) -> pd.Series:
+    """Per row of a tidy metric frame: for an observed row (``baseline == "none"``) whose
+    ``[ci_low, ci_high]`` overlaps the interval of one of the ``against`` baselines in the
+    same metric, variant, layer and head (and ``by`` columns, default: every non-numeric
+    column beyond them, e.g. ``ft_mode``), the text ``"not distinguishable from <names>"``;
+    None otherwise. Rows without an interval are never flagged."""
+    keys = ["metric", "variant", "layer", "head"]
+    if by is None:
+        skip = {*keys, "baseline", "flag", "head_label"}
+        by = [c for c in frame.columns if c not in skip and frame[c].dtype == object]
+    keys += list(by)
+    obs = frame[frame["baseline"] == OBSERVED]
+    nulls = frame[frame["baseline"].isin(list(against))]
+    out = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    if obs.empty or nulls.empty:
+        return out
+    merged = (
+        obs[keys + ["ci_low", "ci_high"]]
+        .reset_index()
+        .merge(nulls[keys + ["baseline", "ci_low", "ci_high"]], on=keys, suffixes=("", "_null"))
+    )
+    overlap = (merged["ci_low"] <= merged["ci_high_null"]) & (
+        merged["ci_low_null"] <= merged["ci_high"]
+    )
+    order = {name: i for i, name in enumerate(against)}
+    for index, names in merged[overlap].groupby("index")["baseline"]:
+        names = sorted(set(names), key=order.__getitem__)
+        out[index] = "not distinguishable from " + ", ".join(names)
+    return out
+
+
+def join_flags(*flags: pd.Series) -> pd.Series:
+    """Row-wise ``"; "``-joined text of several flag series (None where all are None)."""
+    frame = pd.concat(flags, axis=1)
+    texts = ["; ".join(x for x in row if isinstance(x, str) and x) or None for row in frame.values]
+    return pd.Series(texts, index=frame.index, dtype=object)

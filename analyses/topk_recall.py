@@ -1,0 +1,178 @@
+"""Top-k recall: do ICL and FT attend most to the same demonstration tokens?
+
+The authors' second analysis of "attention to training tokens" (LMOps
+``understand_icl/icl_ft/compute_training_example_attn.py``, ``compute_training_attn``),
+on the same inputs as Kendall: per query and layer,
+
+- (a) ICL attention scores from the recorded position to each demonstration token,
+  summed over heads, and
+- (b) FT attention to training tokens (aligned 1:1 with (a)),
+
+each turned into a distribution by a softmax over the tokens, then
+
+    recall = |top_k(a) & top_k(b)| / k
+
+(the share of ICL's k most attended tokens that are among FT's k most attended).
+Variants, as the authors' two levels:
+
+- ``token`` (k = 100): over tokens; the softmax does not change the ranking.
+- ``example`` (k = 5): the softmax probabilities summed over each demonstration's tokens
+  (``groups``: how many consecutive tokens each demonstration has), then top-5 over
+  demonstrations. Here the softmax matters, so the scores' scale matters: the authors'
+  ICL scores are ``q.k / sqrt(d_head)``, their FT scores ``(q / sqrt(d_head)).(q_t /
+  sqrt(d_head))`` (their recorded query vectors are already scaled).
+
+When k is not below the number of items, both top-k sets are everything and the recall
+is 1 whatever the scores: such (query, layer) cells are NaN (skipped, counted). Ties are
+broken by position (a stable sort, as the authors' ``np.argsort``).
+
+Baselines (seeded):
+
+- ``random_uniform`` (the authors'): for each of ICL's k tokens a uniformly random token
+  index is drawn instead; the share of them in FT's top k. Its expectation is k / n.
+- ``shuffled_queries``: recall against FT's top k for another query (a permutation
+  without fixed points), when all queries have the same number of tokens.
+
+>>> import numpy as np
+>>> icl = [np.array([[4.0, 3.0, 2.0, 1.0, 0.0]])]   # one query, one layer, 5 tokens
+>>> ft = [np.array([[4.0, 0.0, 2.0, 3.0, 1.0]])]
+>>> r = topk_recall(icl, ft, k=2, groups=(2, 3), k_example=1)
+>>> r.token.values.tolist(), r.example.values.tolist()  # {0, 1} vs {0, 3}; {A} vs {A}
+([[0.5]], [[1.0]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.special
+
+from ._common import as_query_list, check_finite, derangement, rng_for
+from .kendall import DemoScores
+from .result import MetricResult, VariantSet
+
+BASELINES = ("random_uniform", "shuffled_queries")
+VARIANTS = ("token", "example")
+
+
+@dataclass(frozen=True, eq=False)
+class TopKRecallResult(VariantSet):
+    """Top-k recall at token level (k = 100) and, with ``groups``, at example level
+    (k = 5); ``values`` of each are ``(n, layer)``."""
+
+    token: MetricResult
+    example: MetricResult | None = None
+
+    @property
+    def variants(self) -> dict[str, MetricResult]:
+        return {k: v for k, v in super().variants.items() if v is not None}
+
+
+def _top(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of each row, ties broken by position."""
+    return np.argsort(-x, axis=-1, kind="stable")[..., :k]
+
+
+def _recall(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``(layer, items)`` arrays: |top_k(a) & top_k(b)| / k; NaN if k >= items."""
+    if k >= a.shape[-1]:
+        return np.full(a.shape[0], np.nan)
+    ta, tb = _top(a, k), _top(b, k)
+    return (ta[:, :, None] == tb[:, None, :]).any(-1).sum(-1) / k
+
+
+def _random_recall(b: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """The authors' random baseline: k uniformly random indices, the share in top_k(b)."""
+    if k >= b.shape[-1]:
+        return np.full(b.shape[0], np.nan)
+    tb = _top(b, k)
+    idx = rng.integers(0, b.shape[-1], size=(b.shape[0], k))
+    return (idx[:, :, None] == tb[:, None, :]).any(-1).sum(-1) / k
+
+
+def _by_example(x: np.ndarray, groups: Sequence[int]) -> np.ndarray:
+    """Softmax over tokens, then the probabilities summed per group: ``(layer, n_groups)``."""
+    p = scipy.special.softmax(x, axis=-1)
+    bounds = np.cumsum([0, *groups])
+    return np.stack([p[:, s:e].sum(-1) for s, e in zip(bounds[:-1], bounds[1:], strict=True)], -1)
+
+
+def topk_recall(
+    icl: DemoScores,
+    ft: DemoScores,
+    *,
+    k: int = 100,
+    groups: Sequence[int] | None = None,
+    k_example: int = 5,
+    max_queries: int | None = 100,
+    baselines: Sequence[str] | None = None,
+    seed: int = 0,
+    confidence: float = 0.95,
+    n_resamples: int = 1000,
+) -> TopKRecallResult:
+    """Top-k recall per query and layer (``values``: ``(n_used, layer)``), with baselines.
+
+    ``icl``, ``ft``: lists over queries of ``(layer, n_demo_tokens)`` scores, as for
+    :func:`~icl_lens.analyses.kendall`. ``groups``: tokens per demonstration, in order
+    (they must add up to ``n_demo_tokens``), for the example level. ``max_queries``: the
+    first that many queries (the authors use 100; ``None``: all). ``baselines``: ``None``
+    for every applicable one.
+    """
+    icl_, ft_ = as_query_list(icl, "icl"), as_query_list(ft, "ft")
+    if len(icl_) != len(ft_):
+        raise ValueError(f"icl and ft need one entry per query: {len(icl_)} vs {len(ft_)}")
+    if k < 1 or k_example < 1:
+        raise ValueError(f"k and k_example must be >= 1, got {k} and {k_example}")
+    if max_queries is not None:
+        icl_, ft_ = icl_[:max_queries], ft_[:max_queries]
+    if not icl_:
+        raise ValueError("top-k recall needs at least one query")
+    n_layers = icl_[0].shape[0] if icl_[0].ndim == 2 else None
+    for q, (a, b) in enumerate(zip(icl_, ft_, strict=True)):
+        if a.shape != b.shape or a.ndim != 2 or a.shape[0] != n_layers:
+            raise ValueError(
+                f"query {q}: icl {a.shape} and ft {b.shape} must both be (layer, n_demo_tokens) "
+                f"with {n_layers} layers"
+            )
+        check_finite(a, f"icl[{q}]")
+        check_finite(b, f"ft[{q}]")
+        if groups is not None and sum(groups) != a.shape[1]:
+            raise ValueError(
+                f"query {q}: groups add up to {sum(groups)} tokens, the scores have {a.shape[1]}"
+            )
+    n = len(icl_)
+    shuffle_ok = n >= 2 and len({a.shape for a in icl_}) == 1
+    if baselines is None:
+        baselines = BASELINES if shuffle_ok else ("random_uniform",)
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"unknown top-k recall baselines {sorted(unknown)}; choose {BASELINES}")
+    if "shuffled_queries" in baselines and not shuffle_ok:
+        raise ValueError(
+            "the shuffled_queries baseline needs >= 2 queries with the same number of tokens"
+        )
+    perm = derangement(n, rng_for(seed, "shuffled_queries")) if shuffle_ok else None
+
+    levels = {"token": (k, icl_, ft_)}
+    if groups is not None:
+        levels["example"] = (
+            k_example,
+            [_by_example(a, groups) for a in icl_],
+            [_by_example(b, groups) for b in ft_],
+        )
+    opts = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
+    out = {}
+    for variant, (kk, a_list, b_list) in levels.items():
+        rng = rng_for(seed, "random_uniform", VARIANTS.index(variant))
+        obs = np.stack([_recall(a, b, kk) for a, b in zip(a_list, b_list, strict=True)])
+        base = {}
+        if "random_uniform" in baselines:
+            base["random_uniform"] = np.stack([_random_recall(b, kk, rng) for b in b_list])
+        if "shuffled_queries" in baselines:
+            base["shuffled_queries"] = np.stack(
+                [_recall(a, b_list[perm[q]], kk) for q, a in enumerate(a_list)]
+            )
+        out[variant] = MetricResult("topk_recall", variant, obs, base, **opts)
+    return TopKRecallResult(**out)
