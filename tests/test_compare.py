@@ -321,6 +321,123 @@ def test_aggregation_over_seeds_and_orders(gpt2, task):
     assert row["n"].item() == 4 and np.isfinite(row["std"].item())
     assert list(runs.accuracy().columns) == ["seed", "order", "zsl", "icl", "ft"]
 
+    # the headline: nested mean over sets and orders, hierarchical interval
+    table = runs.table(n_resamples=200)
+    head = table.query("metric == 'simaou' and variant == 'normalised' and baseline == 'none'")
+    per_run = {k: c.summary()["simaou"]["value"] for k, c in runs.runs.items()}
+    by_set = [np.mean([v for (s, _), v in per_run.items() if s == seed]) for seed in (1, 2)]
+    assert head["value"].item() == pytest.approx(np.mean(by_set))
+    assert head["ci_low"].item() < head["value"].item() < head["ci_high"].item()
+    assert {"icl_retest", "ft_retest"} <= set(table["baseline"]) and "flag" in table
+
+
+def test_compare_runs_records_zero_shot_once(gpt2, task, monkeypatch):
+    """ZSL does not depend on the demonstrations: compare_runs computes it once for all
+    seeds (and each control draw's once), and every run still holds it."""
+    import icl_lens.study.compare  # noqa: F401
+
+    module = __import__("sys").modules["icl_lens.study.compare"]
+    real, calls = module.record, []
+
+    def spy(*a, desc="", **kw):
+        calls.append(desc)
+        return real(*a, desc=desc, **kw)
+
+    monkeypatch.setattr(module, "record", spy)
+    runs = il.compare_runs(
+        gpt2, task, seeds=(1, 2), shots=4, lr_grid=[10.0], n_draws=2, n_resamples=20,
+        progress=False,
+    )  # fmt: skip
+    assert calls.count("zsl") == 1 and calls.count("control-0-zsl") == 1
+    assert calls.count("icl") == 2 and calls.count("control-1-icl") == 2
+    a, b = (c.accuracy["zsl"] for c in runs.runs.values())
+    assert a == b
+
+
+# ---- test-retest ceilings, FT modes, lr selection --------------------------------------
+
+
+def test_retests_put_tokens_back_in_the_first_order(gpt2, task):
+    """ICL in another order and FT trained in another order are compared token by token:
+    the index that maps the other order's token axis back gives the first order's tokens,
+    for the demonstration tokens (ICL) and the training tokens (FT, without separators
+    under dai2023)."""
+    from icl_lens.study.finetune import training_sequences
+    from icl_lens.study.orders import block_index, block_lengths, kept_columns, other_order
+
+    tok, spec = gpt2.tokenizer, task.spec
+    demos = task.train[:5]
+    order = other_order(len(demos), seed=0)
+    assert order != list(range(5))
+    first = il.task_prompt(tok, spec, demos, task.validation[0])
+    other = il.task_prompt(tok, spec, [demos[i] for i in order], task.validation[0])
+    tokens, tokens2 = first.tokens[1 : first.query_start], other.tokens[1 : other.query_start]
+    assert torch.equal(tokens2[block_index(block_lengths(first), order)], tokens)
+    for sep in (True, False):
+        train = torch.cat([s[1:] for s in training_sequences(first, separators=sep)])
+        train2 = torch.cat([s[1:] for s in training_sequences(other, separators=sep)])
+        back = block_index(block_lengths(first, separators=sep), order)
+        assert torch.equal(train2[back], train)
+        columns = kept_columns(first, separators=sep)
+        assert torch.equal(tokens if columns is None else tokens[columns], train)
+
+
+def test_both_ft_modes_side_by_side(gpt2, task):
+    cmp = il.compare(
+        gpt2, task, shots=4, seed=1, lr_grid=[3.0, 10.0], ft_mode="both", n_draws=1,
+        n_resamples=50, progress=False,
+    )  # fmt: skip
+    assert set(cmp.ft_modes) == {"standard", "layer_causal"}
+    assert {"ft", "ft_layer_causal"} <= set(cmp.accuracy) and cmp.lr == cmp.ft_modes["standard"][
+        "lr"
+    ]
+    frame = cmp.metrics()
+    assert set(frame["ft_mode"]) == {"standard", "layer_causal"}
+    rows = frame.query("layer == -1 and head == -1 and baseline == 'none'")
+    by_mode = {m: r.set_index(["metric", "variant"])["value"] for m, r in rows.groupby("ft_mode")}
+    # what does not involve FT is the same in both modes; what does, differs
+    assert by_mode["standard"]["simam", "before"] == by_mode["layer_causal"]["simam", "before"]
+    assert (
+        by_mode["standard"]["simaou", "normalised"]
+        != by_mode["layer_causal"]["simaou", "normalised"]
+    )
+    assert set(cmp.control["spread"]) == {"standard", "layer_causal"}
+    assert cmp.table("layer_causal").index.equals(cmp.table().index)
+    with pytest.raises(ValueError, match="unknown FT mode"):
+        il.compare(gpt2, task, shots=4, ft_mode="causal", progress=False)
+
+
+def test_lr_selection_on_a_held_out_split(gpt2, task):
+    """``lr_selection="holdout"``: the grid is judged on training examples that are
+    neither demonstrations nor measured queries; the authors' choice on the measured
+    queries stays the default."""
+    from icl_lens.study.compare import _holdout
+    from icl_lens.study.finetune import finetune
+    from icl_lens.study.predict import predict_queries
+
+    kw = dict(shots=4, seed=1, lr_grid=[3.0, 10.0], lr_extend=0, control=False, retest=False)
+    kw |= dict(n_resamples=20, progress=False)
+    cmp = il.compare(gpt2, task, lr_selection="holdout", **kw)
+    assert cmp.config["lr_selection"] == "holdout" and cmp.config["lr_holdout"] == 12
+    demos = il.sample_demonstrations(task, 4, seed=1)
+    held = _holdout(task, demos, 12, seed=1)
+    assert not {id(e) for e in held} & {id(e) for e in demos + task.validation}
+    tok, spec = gpt2.tokenizer, task.spec
+    prompt = il.task_prompt(tok, spec, demos, task.validation[0])
+    labels = label_tokens(tok, spec, context=spec.format_query(task.validation[0]))
+    held_queries = [torch.tensor(encode(tok, spec.format_query(e))) for e in held]
+    for trial in cmp.lr_search:
+        ft = finetune(gpt2, prompt, lr=trial["lr"], record_queries=False)
+        pred = predict_queries(
+            ft.model, prompt.tokens[:1], held_queries, labels, gold=[e.label for e in held]
+        )
+        assert trial["accuracy"] == pred.accuracy
+    assert il.compare(gpt2, task, **kw).config["lr_selection"] == "queries"  # the default
+    with pytest.raises(ValueError, match="beyond the 16 demonstrations"):
+        il.compare(gpt2, task, lr_selection="holdout", **{**kw, "shots": 16})
+    with pytest.raises(ValueError, match="unknown lr_selection"):
+        il.compare(gpt2, task, lr_selection="train", **kw)
+
 
 # ---- the untrained-weights control ----------------------------------------------------
 

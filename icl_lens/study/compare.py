@@ -218,7 +218,10 @@ def compare(
     if order_seed is not None:
         demos = [demos[i] for i in np.random.default_rng(order_seed).permutation(len(demos))]
     budget = query_token_budget(spec, validation, tok, include_label=True)
-    fit = fit_to_context(demos, adapter.n_ctx, demonstration_token_counter(spec, tok), budget)
+    # the authors keep a demonstration while BOS + demonstrations + their longest
+    # BOS + query + label stays strictly below the context (fewshot_task.py:62): 2 fewer
+    room = adapter.n_ctx - (2 if protocol == "dai2023" else 0)
+    fit = fit_to_context(demos, room, demonstration_token_counter(spec, tok), budget)
     if fit.k_effective == 0:  # every drawn demonstration is too long even alone
         longest = max(n for _, n in fit.skipped)
         raise ValueError(
