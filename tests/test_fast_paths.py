@@ -75,11 +75,12 @@ def test_compare_trains_the_chosen_lr_once(monkeypatch, tmp_path):
     monkeypatch.setattr(
         compare_module, "finetune", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
-    cmp = compare_module.compare(
-        model, task, shots=4, lr_grid="1e-2,1e-1", control=False, progress=False, n_resamples=10
-    )
+    kw = dict(shots=4, lr_grid="1e-2,1e-1", lr_extend=0, control=False, n_resamples=10)
+    cmp = compare_module.compare(model, task, retest=False, progress=False, **kw)
     assert calls == []  # the grid's trials train (in run_trial); the chosen lr is reused
     assert cmp.lr in (1e-2, 1e-1)
+    compare_module.compare(model, task, progress=False, **kw)
+    assert calls == [1]  # only FT in the other order, for the ft_retest ceiling
 
 
 def test_bridge_attention_keeps_no_pattern_after_its_forward():

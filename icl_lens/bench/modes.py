@@ -280,7 +280,7 @@ def pipeline(model, cfg: BenchConfig, directory: Path) -> dict:
         (untrained_module, "copy_model", "model copies (copy_model)"),
         (compare_module, "untrained_copy", "untrained copy"),
         (compare_module, "measure", "metrics (measure)"),
-        (compare_module, "_fingerprint_model", "model fingerprint"),
+        (compare_module, "fingerprint_model", "model fingerprint"),
         (compare_module, "load_task", "load task"),
     ):
         timer.wrap(module, name, label)
@@ -292,6 +292,9 @@ def pipeline(model, cfg: BenchConfig, directory: Path) -> dict:
             shots=cfg.k,
             seed=1,
             lr_grid=cfg.lr_grid,
+            lr_extend=0,  # the passes of pipeline_floor: the grid as given,
+            retest=False,  # no test-retest ceilings,
+            n_draws=1,  # one control draw
             control=cfg.control,
             batch_size=cfg.batch_size,
             progress=False,
