@@ -464,7 +464,19 @@ def test_results_frame_and_result_immutability():
 
 
 @pytest.mark.parametrize(
-    "name", ["", ".summary", ".result", ".rec2ftp", ".simaou", ".simam", ".kendall"]
+    "name",
+    [
+        "",
+        ".summary",
+        ".result",
+        ".rec2ftp",
+        ".simaou",
+        ".simam",
+        ".kendall",
+        ".topk_recall",
+        ".hierarchical",
+        ".flags",
+    ],
 )
 def test_docstring_examples_run(name):
     module = importlib.import_module("icl_lens.analyses" + name)

@@ -135,3 +135,15 @@ def test_grid_growth_stops_at_its_bound():
         trials += _trials([(lr, trials[-1].accuracy + 0.1)])  # always better
     assert [t.lr for t in trials] == [1.0, 3.0, 10.0, 30.0, 100.0]
     assert "the largest of the grid" in lr_edge_flag(trials, grid=grid, max_extra=3)
+
+
+@pytest.mark.parametrize(
+    "name", ["lr_search", "orders", "measure", "compare", "runs", "comparison"]
+)
+def test_study_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"icl_lens.study.{name}")
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
