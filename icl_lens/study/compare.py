@@ -352,7 +352,7 @@ def compare(
             zsl, icl, icl2, tokens=(icl_tokens, icl2_tokens), groups=groups, baselines=False, **opts
         )
         retest_info = {"order": retest_order, "accuracy": {"icl": icl2.accuracy}}
-    else:
+    elif retest:
         flags.append("no test-retest ceilings: they need at least 2 demonstrations")
 
     # ---- FT, per mode -------------------------------------------------------------
