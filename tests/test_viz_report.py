@@ -249,11 +249,11 @@ def test_frames_label_heads_as_transformer_lens_does(dec):
 def test_metrics_table_shows_any_baseline_and_column():
     table = metrics_table(_wide_metrics_frame())
     assert table["columns"][:6] == ["metric", "variant", "value", "95% CI", "queries", "skipped"]
-    assert table["columns"][6] == "flag"
+    assert table["columns"][-1] == "flag"  # a sentence: after the numbers
     assert set(EXTRA_BASELINES) <= set(table["columns"]) and "head_label" not in table["columns"]
     rows = {tuple(r["cells"][:2]): r["cells"] for r in table["rows"]}
     rec2ftp = rows["Rec2FTP", "paper (paper)"]
-    assert rec2ftp[6] == "uninformative" and rows["SimAOU", "normalised (paper)"][6] == ""
+    assert rec2ftp[-1] == "uninformative" and rows["SimAOU", "normalised (paper)"][-1] == ""
     frame = _wide_metrics_frame()
     icl_retest = frame.query(
         "metric == 'simaou' and variant == 'normalised' and baseline == 'icl_retest' "
@@ -280,6 +280,31 @@ def test_metrics_table_keeps_rows_an_extra_column_tells_apart():
         ("kv_sgd", "0.400", "0.100"),
         ("layer_causal", "0.600", "0.200"),
     ]
+
+
+def test_report_shows_both_ft_modes_and_the_runs_flags(tmp_path):
+    """A run with the paper's FT and the layer-causal FT: per-layer figures and per-head
+    grids per mode (never averaged together), each mode's learning rate, and the run's
+    flags in words."""
+    frame = pd.concat(
+        [_metrics_frame().assign(ft_mode=mode) for mode in ("standard", "layer_causal")],
+        ignore_index=True,
+    )
+    frame.loc[frame["ft_mode"] == "layer_causal", "value"] += 0.25
+    frame.to_csv(tmp_path / "metrics.csv", index=False)
+    flag = "standard FT: lr 0.0001 is the smallest of the grid (0.0001..0.1): FT may barely"
+    results = {
+        "accuracy": {"zsl": 0.5, "icl": 0.9, "ft": 0.7, "ft_layer_causal": 0.6},
+        "flags": [flag],
+        "ft_modes": {"standard": {"lr": 1e-4}, "layer_causal": {"lr": 3e-3}},
+        "config": {"task_name": "two-modes", "ft_mode": ["standard", "layer_causal"]},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    page = write_report(tmp_path).read_text()
+    assert "FT: standard" in page and "FT: layer_causal" in page
+    assert "FT learning rate (layer_causal)" in page and flag in page
+    grids = [m for m in ("SimAM (after) per head",) if page.count(m) == 2]
+    assert grids, "one per-head grid per FT mode"
 
 
 # ---------------------------------------------------------------------------------------

@@ -153,9 +153,10 @@ class Comparison:
 
     def metrics(self) -> pd.DataFrame:
         """Tidy rows ``metric, variant, baseline, layer, head, head_label, value, ci_low,
-        ci_high, n_queries, n_skipped`` (``baseline == "none"``: the metric itself; ``-1``
-        in layer/head: all layers/heads or no such axis; ``head_label``: ``L{layer}H{head}``,
-        ``L{layer}`` or ``all``)."""
+        ci_high, n_queries, n_skipped, ft_mode, flag`` (``baseline == "none"``: the metric
+        itself; ``-1`` in layer/head: all layers/heads or no such axis; ``head_label``:
+        ``L{layer}H{head}``, ``L{layer}`` or ``all``; ``flag``: why a value cannot speak,
+        or None)."""
         return with_head_labels(self.frame)
 
     @property
@@ -291,8 +292,8 @@ class Comparison:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """The tidy metric frame as CSV (the analyses columns; :meth:`metrics` and the
-        report add ``head_label``), written atomically."""
+        """The tidy metric frame as CSV (the analyses columns, then ``ft_mode`` and
+        ``flag``; :meth:`metrics` and the report add ``head_label``), written atomically."""
         return atomic_write_text(path, self.frame.to_csv(index=False))
 
     def accuracy_frame(self) -> pd.DataFrame:

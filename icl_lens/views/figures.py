@@ -52,7 +52,13 @@ __all__ = [
 ]
 
 METRIC_ORDER = ("rec2ftp", "simaou", "simam", "kendall")
-METRIC_TITLES = {"rec2ftp": "Rec2FTP", "simaou": "SimAOU", "simam": "SimAM", "kendall": "Kendall"}
+METRIC_TITLES = {
+    "rec2ftp": "Rec2FTP",
+    "simaou": "SimAOU",
+    "simam": "SimAM",
+    "kendall": "Kendall",
+    "topk_recall": "Top-k recall",
+}
 VALUE_COLOR = "#2b6cb0"
 NAN_COLOR = "#e2e8f0"
 STYLE = {

@@ -9,7 +9,10 @@ with the run (:mod:`icl_lens.views.run_data`) and its matplotlib figures (inline
   counts, each baseline and any further column of the metrics frame (all generic: a new
   baseline or column shows up without a template change);
 - per-layer plots of every metric with its interval and baselines
-  (:func:`~icl_lens.views.figures.plot_layers`);
+  (:func:`~icl_lens.views.figures.plot_layers`), one figure per FT mode side by side
+  when the run has several (``ft_mode`` column: the paper's FT, Deutch et al.'s
+  layer-causal FT);
+- what the run cannot say (its flags: a learning rate at the edge of its grid, ...);
 - layer x head heatmaps (:mod:`icl_lens.views.heatmaps`) and the circuitsvis panels of
   the top heads by ``|dW_ICL q|`` with the query's attention under ZSL / ICL / FT.
 
@@ -55,6 +58,7 @@ __all__ = [
     "RunData",
     "ViewData",
     "collect_views",
+    "by_ft_mode",
     "load_run",
     "metrics_table",
     "render_report",
@@ -63,8 +67,21 @@ __all__ = [
 ]
 
 REPORT_FILE = "report.html"
-RUN_KEYS = ("task_name", "shots", "seed", "order_seed", "balanced", "protocol", "n_queries")
+RUN_KEYS = (
+    "task_name",
+    "shots",
+    "seed",
+    "order_seed",
+    "balanced",
+    "protocol",
+    "ft_mode",
+    "lr_selection",
+    "n_draws",
+    "n_queries",
+)
 INFO_KEYS = ("k_effective", "demonstration_tokens", "model_line")
+LAST_COLUMNS = ("flag",)
+"""Extra frame columns shown after the baselines (text that would push them aside)."""
 STAT_HEADERS = {
     "value": "value",
     "ci": "95% CI",
@@ -116,8 +133,9 @@ def metrics_table(frame: pd.DataFrame) -> dict[str, Any]:
     One row per observed overall row (``baseline == "none"``), the paper's metrics and
     variants first. Columns: metric, variant, value, 95% CI, queries, skipped, then every
     column of the frame beyond the tidy format (flags, an FT mode, ...), then one column
-    per baseline. A baseline cell comes from the rows of the same metric and variant
-    that agree with the row on each extra column telling the observed rows apart.
+    per baseline, then the ``flag`` column (a sentence: last, so the numbers stay in
+    view). A baseline cell comes from the rows of the same metric and variant that agree
+    with the row on each extra column telling the observed rows apart.
 
     >>> frame = pd.DataFrame({"metric": ["simaou"] * 2, "variant": ["normalised"] * 2,
     ...     "baseline": ["none", "icl_retest"], "layer": [-1, -1], "head": [-1, -1],
@@ -129,6 +147,8 @@ def metrics_table(frame: pd.DataFrame) -> dict[str, Any]:
     frame = normalise_frame(frame)
     overall = frame[(frame["layer"] < 0) & (frame["head"] < 0)]
     extra = [c for c in overall.columns if c not in FRAME_COLUMNS and c != "head_label"]
+    last = [c for c in extra if c in LAST_COLUMNS]  # long texts after the numbers
+    extra = [c for c in extra if c not in LAST_COLUMNS]
     observed = overall[overall["baseline"] == "none"]
     baselines = [b for b in dict.fromkeys(overall["baseline"]) if b != "none"]
     rows = []
@@ -151,9 +171,10 @@ def metrics_table(frame: pd.DataFrame) -> dict[str, Any]:
                 _count(o["n_skipped"]),
                 *(_cell(o[c]) for c in extra),
                 *(fmt(by_base.get(b)) for b in baselines),
+                *(_cell(o[c]) for c in last),
             ]
             rows.append({"cells": cells, "paper": paper})
-    columns = ["metric", "variant", *STAT_HEADERS.values(), *extra, *baselines]
+    columns = ["metric", "variant", *STAT_HEADERS.values(), *extra, *baselines, *last]
     return {"columns": columns, "baselines": baselines, "rows": rows}
 
 
@@ -162,10 +183,36 @@ def _run_rows(results: Mapping[str, Any]) -> list[tuple[str, Any]]:
     info = results.get("info") or {}
     rows = [(k, config[k]) for k in RUN_KEYS if k in config]
     rows += [(k, info[k]) for k in INFO_KEYS if k in info]
+    modes = results.get("ft_modes") or {}
+    if isinstance(modes, Mapping) and len(modes) > 1:
+        for mode, entry in modes.items():
+            if isinstance(entry, Mapping) and entry.get("lr") is not None:
+                rows.append((f"FT learning rate ({mode})", entry["lr"]))
+        return rows
     lr = results.get("lr")
     if isinstance(lr, Mapping) and lr.get("selected") is not None:
         rows.append(("FT learning rate", lr["selected"]))
     return rows
+
+
+def by_ft_mode(frame: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """``[(mode, rows)]`` per FT mode of a metrics frame, in order of appearance;
+    ``[(None, frame)]`` when it has one mode (or no ``ft_mode`` column).
+
+    >>> frame = pd.DataFrame({"ft_mode": ["standard", "layer_causal", "standard"]})
+    >>> [(m, len(f)) for m, f in by_ft_mode(frame)]
+    [('standard', 2), ('layer_causal', 1)]
+    """
+    if "ft_mode" not in frame or frame["ft_mode"].nunique(dropna=True) < 2:
+        return [(None, frame)]
+    return [
+        (str(m), frame[frame["ft_mode"] == m]) for m in dict.fromkeys(frame["ft_mode"].dropna())
+    ]
+
+
+def _layer_figures(metrics: pd.DataFrame) -> list[tuple[str | None, Any]]:
+    per_layer = metrics[(metrics["layer"] >= 0) & (metrics["head"] < 0)]
+    return [(mode, svg(plot_layers(rows))) for mode, rows in by_ft_mode(per_layer) if len(rows)]
 
 
 def _accuracy(results: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,8 +232,9 @@ def _overview(run: RunData) -> list[Any]:
     heads = run.views.heads if run.views is not None else None
     if heads is not None and len(heads):
         figures.append(svg(plot_decomposition_heads(heads)))
-    if metric_grids(run.metrics):
-        figures.append(svg(plot_metric_heads(run.metrics)))
+    for _, rows in by_ft_mode(run.metrics):  # per mode: a grid holds one value per cell
+        if metric_grids(rows):
+            figures.append(svg(plot_metric_heads(rows)))
     return figures
 
 
@@ -203,7 +251,6 @@ def render_report(source: Any, *, views: ViewData | None = None, title: str | No
     results = run.results
     task = (results.get("config") or {}).get("task_name") or (results.get("info") or {}).get("task")
     title = title or (f"icl-lens report: {task}" if task else "icl-lens report")
-    per_layer = run.metrics[(run.metrics["layer"] >= 0) & (run.metrics["head"] < 0)]
     panels = run.views
     has_panels = panels is not None and bool(panels.meta_gradients or panels.attention)
     body = script = None
@@ -217,7 +264,8 @@ def render_report(source: Any, *, views: ViewData | None = None, title: str | No
             run_rows=_run_rows(results),
             accuracy=_accuracy(results),
             table=metrics_table(run.metrics),
-            layers_figure=svg(plot_layers(per_layer)) if len(per_layer) else None,
+            layers_figures=_layer_figures(run.metrics),
+            flags=[str(f) for f in results.get("flags") or []],
             overview=_overview(run),
             panels=panels if has_panels else None,
             panels_body=body,
