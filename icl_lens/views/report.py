@@ -142,7 +142,7 @@ def metrics_table(frame: pd.DataFrame) -> dict[str, Any]:
     ...     "value": [0.25, 0.5], "flag": ["uninformative", None]})
     >>> t = metrics_table(frame)
     >>> t["columns"][-2:], t["rows"][0]["cells"][:3], t["rows"][0]["cells"][-2:]
-    (['flag', 'icl_retest'], ['SimAOU', 'normalised (paper)', '0.250'], ['uninformative', '0.500'])
+    (['icl_retest', 'flag'], ['SimAOU', 'normalised (paper)', '0.250'], ['0.500', 'uninformative'])
     """
     frame = normalise_frame(frame)
     overall = frame[(frame["layer"] < 0) & (frame["head"] < 0)]
