@@ -78,6 +78,7 @@ def test_run_writes_results_json_and_metrics_csv(uninterrupted, files, capsys, t
     assert results["lr"]["selected"] == 10.0
     frame = pd.read_csv(uninterrupted / "metrics.csv")
     assert list(frame.columns) == [*FRAME_COLUMNS, "ft_mode", "flag"]
+    assert (uninterrupted / "values.npz").stat().st_size > 0  # for intervals over runs
     assert len(frame) == len(results["table"])
 
     out = tmp_path / "again"

@@ -212,6 +212,15 @@ def test_compare_end_to_end_on_a_random_init_model(gpt2, task, tmp_path):
     same = json.dumps(back.summary(), sort_keys=True) == json.dumps(cmp.summary(), sort_keys=True)
     assert same  # as text: a NaN (a metric without eligible queries) equals itself there
 
+    # the per-query values a bootstrap over runs needs, on disk without pickle
+    values = Comparison.load_values(cmp.save_values(tmp_path / "values.npz"))
+    assert values.keys() == cmp.values.keys()
+    key = ("simaou", "normalised", "none", "standard")
+    np.testing.assert_allclose(values[key][()], cmp.values[key][()], rtol=1e-6)
+    key = ("simam", "after", CONTROL, "standard")  # (n, layer, head): heads averaged
+    assert sorted(values[key]) == [(0,), (1,), (2,)]
+    np.testing.assert_allclose(values[key][(1,)], cmp.values[key][(1,)].mean(axis=2), rtol=1e-6)
+
 
 def test_rotary_gqa_model_and_the_dai2023_protocol(task):
     model, _ = make_model("llama")

@@ -175,6 +175,32 @@ def test_the_aggregate_is_the_mean_over_seeds(debug_sweep):
     assert set(acc["variant"]) == {"zsl", "icl", "ft"} and (acc["n"] == 2).all()
 
 
+def test_the_aggregate_interval_is_the_hierarchical_bootstrap_over_seeds(debug_sweep):
+    """Each aggregate row's interval: demonstration sets (the cells' seeds), then queries,
+    from the values.npz every cell's run wrote; per-head rows have none."""
+    from icl_lens.analyses import hierarchical_table
+
+    out, _, _ = debug_sweep
+    summary = pd.read_parquet(out / "summary.parquet")
+    aggregate = pd.read_parquet(out / "aggregate.parquet")
+    row = ("simaou", "normalised", "none", "standard")
+    for shots, cells in summary.drop_duplicates("cell").groupby("shots"):
+        runs = {}
+        for _, cell in cells.iterrows():
+            (path,) = (out / "cells").glob(f"*-{cell['cell']}/values.npz")
+            runs[(cell["seed"],)] = Comparison.load_values(path)[row][()]
+        expected = hierarchical_table(runs).iloc[0]
+        got = aggregate[aggregate["shots"] == shots].query(
+            "metric == 'simaou' and variant == 'normalised' and baseline == 'none' "
+            "and layer == -1 and head == -1"
+        )
+        assert got["ci_low"].item() == pytest.approx(expected["ci_low"], abs=1e-6)
+        assert got["ci_high"].item() == pytest.approx(expected["ci_high"], abs=1e-6)
+        assert got["ci_low"].item() < got["mean"].item() < got["ci_high"].item()
+    heads = aggregate.query("metric == 'simam' and head >= 0")
+    assert len(heads) and heads["ci_low"].isna().all()
+
+
 def test_a_rerun_skips_finished_cells(debug_sweep, files, monkeypatch):
     out, _, _ = debug_sweep
     calls = []
@@ -343,7 +369,7 @@ def test_report_on_a_sweep_directory(debug_sweep, tmp_path, capsys):
         assert curve in html  # the figure's panel titles, text kept as text
     assert "<script>" not in html and "&lt;script&gt;alert(1)" in html
     assert 'class="key">2</td>' in html and 'class="key">3</td>' in html  # one row per shots
-    assert "Intervals: not computed yet" in html
+    assert "Intervals: a hierarchical bootstrap" in html and html.count("[") >= 4
 
 
 def test_executors_get_the_grid_tables_and_local_workers_see_the_gpus(tmp_path, monkeypatch):

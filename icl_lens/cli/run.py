@@ -370,6 +370,7 @@ def _run(args, model=None) -> int:
     )
     cmp.to_json(args.out / "results.json")
     cmp.to_csv(args.out / "metrics.csv")
+    cmp.save_values(args.out / "values.npz")  # per-query values: intervals over runs
     save_views(args.out, model, cmp.prompt, ft_lr=cmp.lr, spec=cmp.spec)
     if not args.quiet and cmp.stages.get("loaded"):
         print(

@@ -69,6 +69,18 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def _per_layer(x: np.ndarray) -> np.ndarray:
+    """``(n, layer, head)`` values as their mean over the defined heads (NaN where none
+    is), float32; other shapes as they are."""
+    if x.ndim == 3:
+        ok = ~np.isnan(x)
+        count = ok.sum(axis=2)
+        total = np.where(ok, x, 0.0).sum(axis=2)
+        x = np.full(count.shape, np.nan)
+        np.divide(total, count, out=x, where=count > 0)
+    return x.astype(np.float32)
+
+
 def _num(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
@@ -296,6 +308,38 @@ class Comparison:
         ``flag``; :meth:`metrics` and the report add ``head_label``), written atomically."""
         return atomic_write_text(path, self.frame.to_csv(index=False))
 
+    def save_values(self, path: str | os.PathLike) -> Path:
+        """The per-query values of every overall row (:attr:`values`) as a compressed
+        ``.npz`` (no pickle), written atomically: what a bootstrap over several runs needs
+        (``icl-lens run`` writes ``values.npz``; a sweep's aggregate interval reads it).
+        Values with a head axis are stored as their mean over heads per query and layer,
+        in float32: the overall and per-layer statistics are unchanged where every head's
+        value is defined.
+
+        >>> cmp.save_values("runs/gpt2-sst2/values.npz")              # doctest: +SKIP
+        >>> Comparison.load_values("runs/gpt2-sst2/values.npz")        # doctest: +SKIP
+        """
+        keys, arrays = [], {}
+        for (metric, variant, baseline, mode), runs in self.values.items():
+            for sub, x in runs.items():
+                arrays[f"v{len(keys)}"] = _per_layer(np.asarray(x, dtype=np.float64))
+                keys.append([metric, variant, baseline, mode, list(sub)])
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, keys=np.array(json.dumps(keys)), **arrays)
+        return atomic_write_bytes(path, buffer.getvalue())
+
+    @staticmethod
+    def load_values(path: str | os.PathLike) -> dict[tuple, dict[tuple, np.ndarray]]:
+        """What :meth:`save_values` wrote, in the shape of :attr:`values`."""
+        out: dict[tuple, dict[tuple, np.ndarray]] = {}
+        with np.load(path, allow_pickle=False) as data:
+            for i, (metric, variant, baseline, mode, sub) in enumerate(
+                json.loads(str(data["keys"]))
+            ):
+                runs = out.setdefault((metric, variant, baseline, mode), {})
+                runs[tuple(sub)] = data[f"v{i}"].astype(np.float64)
+        return out
+
     def accuracy_frame(self) -> pd.DataFrame:
         """ZSL / ICL / FT accuracy as rows of the metric frame: ``metric == "accuracy"``,
         ``variant`` the setting, ``baseline`` none (or untrained_weights: the control)."""
@@ -316,9 +360,12 @@ class Comparison:
         clash = sorted(set(labels) & set(FRAME_COLUMNS))
         if clash:
             raise ValueError(f"labels {clash} are columns of the metric frame already")
+        extra = [c for c in EXTRA_COLUMNS if c in self.frame]  # ft_mode tells rows apart
         frame = pd.concat(
-            [self.accuracy_frame(), self.frame[list(FRAME_COLUMNS)]], ignore_index=True
+            [self.accuracy_frame(), self.frame[[*FRAME_COLUMNS, *extra]]], ignore_index=True
         )
+        if "flag" in frame:  # missing as in a table file (Parquet, CSV): NaN
+            frame["flag"] = frame["flag"].astype("str").where(frame["flag"].notna())
         for i, (name, value) in enumerate(labels.items()):
             frame.insert(i, name, [value] * len(frame))
         return frame

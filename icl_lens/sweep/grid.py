@@ -307,7 +307,7 @@ def _check_run_values(args) -> None:
     grid (as argparse words it, so the key is named)."""
     from icl_lens.cli.run import check_arguments
     from icl_lens.errors import UserError
-    from icl_lens.study.finetune import lr_grid
+    from icl_lens.study.lr_search import lr_grid
 
     try:
         check_arguments(args)

@@ -10,7 +10,8 @@ shows.
 ``aggregate``: per combination of the grid keys other than ``seed`` / ``order_seed``, and
 per metric row, the ``mean``, ``std``, ``min``, ``max`` and ``n`` over the cells that
 differ only in those seeds (:func:`icl_lens.analyses.aggregate_runs`), and an interval
-``ci_low`` / ``ci_high`` (:func:`seed_intervals`).
+``ci_low`` / ``ci_high`` over demonstration sets, orders, then queries
+(:func:`seed_intervals`, from each cell's ``values.npz``).
 
 >>> frame = summary_frame(root, grid.cells)                   # doctest: +SKIP
 >>> aggregate_frame(root, frame, list(grid.grid)).head()      # doctest: +SKIP
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from icl_lens.analyses import FRAME_COLUMNS, aggregate_runs
+from icl_lens.analyses import FRAME_COLUMNS, aggregate_runs, hierarchical_table
 from icl_lens.files import atomic_write_bytes
 from icl_lens.study.comparison import ACCURACY, Comparison
 from icl_lens.sweep.grid import SEED_KEYS, Cell
@@ -41,7 +42,9 @@ __all__ = [
     "write_tables",
 ]
 
-ROW_KEYS = ["metric", "variant", "baseline", "layer", "head"]
+ROW_KEYS = ["metric", "variant", "baseline", "layer", "head", "ft_mode"]
+"""What tells a cell's rows apart (``ft_mode``: with ``--ft-mode both`` each metric row
+comes once per FT mode; NaN on the accuracy rows)."""
 
 
 def _label(value: Any) -> Any:
@@ -67,23 +70,66 @@ def summary_frame(root: str | Path, cells: Sequence[Cell]) -> pd.DataFrame:
     return summary
 
 
+def _cell_values(root: Path, cell_id: str) -> dict | None:
+    """A cell's per-query values (``values.npz`` written by ``icl-lens run``), or None."""
+    found = sorted((root / "cells").glob(f"*-{cell_id}/values.npz"))
+    return Comparison.load_values(found[0]) if found else None
+
+
 def seed_intervals(
     root: str | Path, summary: pd.DataFrame, by: list[str], over: list[str]
 ) -> pd.DataFrame:
     """The interval of every aggregate row: ``by`` columns, then ``ci_low``, ``ci_high``.
 
-    PENDING (issue 13): the interval is to be the hierarchical bootstrap over
-    demonstration sets and orders, then queries, written by the rigor work
-    (``icl_lens.analyses.hierarchical_table(runs)``, ``runs`` = ``{(seed, order_seed, ...):
-    per-query values}`` of one metric row). Until it lands on main the interval is NaN:
-    the sweep computes no bootstrap of its own. Wiring it needs each cell's per-query
-    values on disk (a ``Comparison`` keeps them in memory only), e.g. written by
-    ``icl-lens run`` next to results.json and read here from ``root/cells/*``.
+    The hierarchical bootstrap of :func:`icl_lens.analyses.hierarchical_table`: over the
+    cells that differ only in ``over`` (demonstration sets ``seed``, then their orders
+    ``order_seed``; the untrained control's draws within a cell), then the queries, from
+    each cell's ``values.npz``. Overall and per-layer rows get one; per-head rows, the
+    accuracy rows and cells without ``values.npz`` (a run before icl-lens wrote it) stay
+    NaN.
     """
+    root = Path(root)
     out = summary[by].drop_duplicates().reset_index(drop=True)
-    out["ci_low"] = np.nan
-    out["ci_high"] = np.nan
-    return out
+    keys = [c for c in by if c not in ROW_KEYS]
+    cells = summary.drop_duplicates("cell")[["cell", *keys, *over]]
+    found = []
+    groups = cells.groupby(keys, dropna=False, sort=False) if keys else [((), cells)]
+    for combo, members in groups:
+        combo = combo if isinstance(combo, tuple) else (combo,)
+        runs: dict[tuple, dict[tuple, np.ndarray]] = {}
+        for _, member in members.iterrows():
+            values = _cell_values(root, member["cell"])
+            if values is None:
+                continue
+            labels = tuple(member[c] for c in over) if over != ["cell"] else (member["cell"],)
+            for row, subs in values.items():
+                for sub, x in subs.items():
+                    runs.setdefault(row, {})[(*labels, *sub)] = x
+        for (metric, variant, baseline, mode), row_runs in runs.items():
+            table = hierarchical_table(row_runs)
+            table = table[table["head"] == -1]  # values.npz keeps heads averaged
+            for _, t in table.iterrows():
+                found.append(
+                    {
+                        **dict(zip(keys, combo, strict=True)),
+                        "metric": metric,
+                        "variant": variant,
+                        "baseline": baseline,
+                        "layer": int(t["layer"]),
+                        "head": int(t["head"]),
+                        "ft_mode": mode,
+                        "ci_low": t["ci_low"],
+                        "ci_high": t["ci_high"],
+                    }
+                )
+    if not found:
+        out["ci_low"] = np.nan
+        out["ci_high"] = np.nan
+        return out
+    intervals = pd.DataFrame(found)
+    for col in keys:  # the summary's types (text for mixed values)
+        intervals[col] = intervals[col].astype(out[col].dtype)
+    return out.merge(intervals, on=by, how="left")
 
 
 def aggregate_frame(root: str | Path, summary: pd.DataFrame, grid_keys: Sequence[str]):

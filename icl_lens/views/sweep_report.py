@@ -36,6 +36,7 @@ from icl_lens.views.report import _package_version
 __all__ = [
     "COLUMNS",
     "CURVES",
+    "by_ft_mode",
     "paper_table",
     "plot_layers_across",
     "render_sweep_report",
@@ -64,6 +65,31 @@ def _groups(frame: pd.DataFrame, keys: list[str]):
         (v if isinstance(v, tuple) else (v,), part)
         for v, part in frame.groupby(keys, sort=False, dropna=False)
     ]
+
+
+def by_ft_mode(aggregate: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """With several FT modes (``--ft-mode both``): each mode its own row (``ft_mode`` a
+    key), the accuracy rows (no mode) repeated for each, ``ft_<mode>`` read as its FT
+    accuracy. As they are otherwise.
+
+    >>> agg = pd.DataFrame({"metric": ["accuracy", "accuracy", "simaou", "simaou"],
+    ...     "variant": ["ft", "ft_layer_causal", "normalised", "normalised"],
+    ...     "ft_mode": [None, None, "standard", "layer_causal"]})
+    >>> frame, keys = by_ft_mode(agg, [])
+    >>> keys, frame.query("metric == 'accuracy'")[["variant", "ft_mode"]].values.tolist()
+    (['ft_mode'], [['ft', 'standard'], ['ft', 'layer_causal']])
+    """
+    if "ft_mode" not in aggregate or aggregate["ft_mode"].nunique(dropna=True) < 2:
+        return aggregate, keys
+    modes = list(dict.fromkeys(aggregate["ft_mode"].dropna()))
+    accuracy = aggregate[aggregate["ft_mode"].isna()]
+    settings = set(accuracy["variant"])
+    parts = [aggregate[aggregate["ft_mode"].notna()]]
+    for mode in modes:
+        ft = f"ft_{mode}" if f"ft_{mode}" in settings else "ft"  # the first mode's is "ft"
+        acc = accuracy[~accuracy["variant"].str.startswith("ft") | (accuracy["variant"] == ft)]
+        parts.append(acc.assign(ft_mode=mode, variant=acc["variant"].replace({ft: "ft"})))
+    return pd.concat(parts, ignore_index=True), [*keys, "ft_mode"]
 
 
 def paper_table(aggregate: pd.DataFrame, keys: list[str]) -> list[dict[str, Any]]:
@@ -154,6 +180,7 @@ def render_sweep_report(directory: str | os.PathLike, *, title: str | None = Non
     failures = json.loads(failures_path.read_text()) if failures_path.exists() else []
     keys = [k for k in grid.get("grid", {}) if k not in SEEDS]
     seeds = [k for k in grid.get("grid", {}) if k in SEEDS]
+    aggregate, keys = by_ft_mode(aggregate, keys)
     figure = plot_layers_across(aggregate, keys)
     n_cells = len(grid.get("cells", []))
     pending = not len(aggregate) or bool(aggregate["ci_low"].isna().all())
@@ -171,10 +198,11 @@ def render_sweep_report(directory: str | os.PathLike, *, title: str | None = Non
             keys=keys,
             column_titles=[c[0] for c in COLUMNS],
             rows=paper_table(aggregate, keys),
-            interval_note="Intervals: not computed yet (the hierarchical bootstrap over "
-            "demonstration sets, then queries, is pending)."
+            interval_note="Intervals: none (the cells hold no values.npz: runs from before "
+            "icl-lens wrote it)."
             if pending
-            else "",
+            else "Intervals: a hierarchical bootstrap over demonstration sets, their orders "
+            "and the control's draws, then queries.",
             figure=svg(figure) if figure is not None else None,
             grid_rows=grid_rows,
             version=_package_version(),
