@@ -134,9 +134,12 @@ def test_half_precision_comparison_has_no_nan(task):
     assert all(torch.isfinite(torch.tensor(v)) for v in cmp.accuracy.values())
     overall = cmp.metrics().query("layer == -1 and head == -1")
     undefined = overall[overall["value"].isna()]
-    # only Rec2FTP may be undefined, and only when FT fixes no query ZSL gets wrong
-    assert set(undefined["metric"]) <= {"rec2ftp"}
-    if len(undefined):
+    # only Rec2FTP may be undefined (its own value only when FT fixes no query ZSL gets
+    # wrong), and the authors' top-k recall, whose k (100 tokens, 5 demonstrations) is
+    # more than 3 shots have
+    assert set(undefined["metric"]) <= {"rec2ftp", "topk_recall"}
+    own = undefined[(undefined["metric"] == "rec2ftp") & (undefined["baseline"] == "none")]
+    if len(own):
         assert cmp.info["rec2ftp_counts"]["n_ft_recovered"] == 0
 
 
