@@ -126,6 +126,19 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(
     assert trials.calls == records.calls == []
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--control-draws", "0"], "--control-draws must be >= 1, got 0"),
+        (["--lr-extend", "-1"], "--lr-extend must be >= 0, got -1"),
+        (["--lr-holdout", "0"], "--lr-holdout must be >= 1, got 0"),
+    ],
+)
+def test_new_options_are_checked_before_loading(files, tmp_path, capsys, extra, message):
+    assert main(args(files, tmp_path / "x", *extra)) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_errors_are_one_clear_line(files, tmp_path, capsys, uninterrupted):
     assert main(args(files, tmp_path / "a", "--shots", "40")) == 2
     err = capsys.readouterr().err

@@ -250,11 +250,13 @@ def _silence_progress() -> None:
 
 def check_arguments(args) -> None:
     """Numbers that cannot work, refused before anything is loaded."""
-    for option in ("shots", "max_queries", "batch_size"):
-        value = getattr(args, option)
-        if value < 1:
+    for option in ("shots", "max_queries", "batch_size", "control_draws", "lr_holdout"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
             flag = "--" + option.replace("_", "-")
             raise UserError(f"{flag} must be >= 1, got {value}")
+    if getattr(args, "lr_extend", 0) < 0:
+        raise UserError(f"--lr-extend must be >= 0, got {args.lr_extend}")
     if not 0 < args.validation_fraction < 1:
         raise UserError(
             f"--validation-fraction must be between 0 and 1, got {args.validation_fraction}"
