@@ -22,6 +22,7 @@ need it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Iterable, Sequence
@@ -33,7 +34,7 @@ from icl_lens.hooks.logits import logit_hook
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from icl_lens.model.adapter import ModelAdapter
+from icl_lens.model.adapter import ModelAdapter, masked_as_neginf
 
 TOLERANCE = 1e-4
 
@@ -209,33 +210,41 @@ class PrefixRunner:
         return BatchResult(logits, values, lengths)
 
     def _matches(self, result, full, lengths, lpos) -> bool:
+        """Every quantity of the first query within TOLERANCE of the full forward,
+        relative to that quantity's own size (at least 1): Gemma's attention outputs
+        reach thousands, where float32 rounding alone differs by 1e-3."""
         n = int(lengths[0])
         got, want = result.logits[:1], full.logits[:1]
         if lpos is None:
             got, want = got[:, :n], want[:, :n]
-        worst = (got - want).abs().max().item()
-        worst_name = "logits"
+        pairs = [("logits", got, want)]
         m = len(self.prefix) + n  # the reference has no padding: compare real positions
         for key, y in result.values.items():
             x, y = full.values[key], y[:1]
             if key[0] in ("scores", "pattern"):  # key axis last
-                diff = (y[..., :m] - x[..., :m]).abs().max().item()
-            elif key[0] in PER_POSITION:
-                diff = (y - x).abs().max().item()
-            else:  # whole-sequence k/v
-                diff = (y[:, :m] - x[:, :m]).abs().max().item()
-            if diff > worst:
-                worst, worst_name = diff, f"{key[0]} of layer {key[1]}"
-        scale = max(1.0, want.abs().max().item())
-        if worst > TOLERANCE * scale:
-            self._fall_back(
-                f"reusing the prefix cache changed {worst_name} by {worst:.3g} against a "
-                "full forward (this TransformerLens/transformers pair does not fill or "
-                "read the cache correctly)"
-            )
-            return False
+                x, y = x[..., :m], y[..., :m]
+            elif key[0] not in PER_POSITION:  # whole-sequence k/v
+                x, y = x[:, :m], y[:, :m]
+            pairs.append((f"{key[0]} of layer {key[1]}", y, x))
+        for name, y, x in pairs:
+            if name.startswith("scores"):
+                x, y = masked_as_neginf(x), masked_as_neginf(y)
+                if not torch.equal(torch.isneginf(x), torch.isneginf(y)):
+                    return self._mismatch(f"the attention mask of {name}")
+                x, y = x.masked_fill(torch.isneginf(x), 0), y.masked_fill(torch.isneginf(y), 0)
+            diff = (y - x).abs().max().item()
+            scale = max(1.0, x.abs().max().item())
+            if not diff <= TOLERANCE * scale:
+                return self._mismatch(f"{name} by {diff:.3g} (of {scale:.3g})")
         self._verified = True
         return True
+
+    def _mismatch(self, what: str) -> bool:
+        self._fall_back(
+            f"reusing the prefix cache changed {what} against a full forward (this "
+            "TransformerLens/transformers pair does not fill or read the cache correctly)"
+        )
+        return False
 
     def _fall_back(self, reason: str) -> None:
         self.path, self.reason = "full", reason
@@ -272,8 +281,17 @@ def _prefix_state(
     lhook = logit_hook(logit_positions, last=positions is None and logit_positions is None)
     hooks += [lhook] if lhook else []
     if adapter.line == "bridge":
-        with model.hooks(fwd_hooks=hooks):
-            logits, cache = model(tokens, return_type="logits_and_cache", use_cache=True)
+        from transformers import DynamicCache
+
+        # A cache built without the model's config keeps every key of every layer; the
+        # model's own (DynamicCache(config=...)) keeps only the last window - 1 keys of
+        # a sliding-window layer (Gemma 2/3, Mistral), so it cannot be cut back to a
+        # prefix longer than the window. The sliding-window mask is built from positions,
+        # not from what the cache holds, so the longer cache changes nothing else.
+        with model.hooks(fwd_hooks=hooks), _cache_kwarg_renamed():
+            logits, cache = model(
+                tokens, return_type="logits_and_cache", past_key_values=DynamicCache()
+            )
         capture._finish_rotary(positions)
         if cache is None or not hasattr(cache, "layers") or cache.get_seq_length() == 0:
             raise RuntimeError("the model returned no key/value cache")
@@ -297,6 +315,14 @@ def _prefix_state(
     ]
     state = TransformerLensKeyValueCache(entries, cache.previous_attention_mask[:, :keep])
     return state, logits
+
+
+@contextlib.contextmanager
+def _cache_kwarg_renamed():
+    """The bridge forwards ``past_key_values=``, which transformers >= 5.24 renames."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+        yield
 
 
 @functools.cache
@@ -336,9 +362,7 @@ def _forward_after_prefix(
     hooks += [lhook] if lhook else []
     if adapter.line == "bridge":
         cache = _prefix_cache_class()(state)
-        with model.hooks(fwd_hooks=hooks), warnings.catch_warnings():
-            # the bridge forwards past_key_values=, which transformers >= 5.24 renames
-            warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+        with model.hooks(fwd_hooks=hooks), _cache_kwarg_renamed():
             logits = model(tokens, past_key_values=cache, use_cache=True, attention_mask=mask)
     else:
         from transformer_lens import TransformerLensKeyValueCache
