@@ -142,6 +142,42 @@ def _tl_version() -> str:
     return version("transformer-lens")
 
 
+def _gemma3_hooked_config(config) -> dict:
+    """TransformerLens 3's HookedTransformer runs Gemma 3 text models (local and global
+    layers, dual rotary bases, QK-norm, norms before and after each sublayer) but builds
+    their config only from its table of hub names; this is the same config, read from
+    the transformers config instead."""
+    rope = config.rope_parameters
+    types = list(config.layer_types)
+    return {
+        "d_model": config.hidden_size,
+        "d_head": config.head_dim,
+        "n_heads": config.num_attention_heads,
+        "n_key_value_heads": config.num_key_value_heads,
+        "d_mlp": config.intermediate_size,
+        "n_layers": config.num_hidden_layers,
+        "n_ctx": config.max_position_embeddings,
+        "eps": config.rms_norm_eps,
+        "d_vocab": config.vocab_size,
+        "act_fn": config.hidden_activation,
+        "initializer_range": config.initializer_range,
+        "normalization_type": "RMS",
+        "positional_embedding_type": "rotary",
+        "rotary_base": rope["full_attention"]["rope_theta"],
+        "rotary_base_local": rope["sliding_attention"]["rope_theta"],
+        "use_attn_scale": True,
+        "attn_scale": float(config.query_pre_attn_scalar) ** 0.5,
+        "gated_mlp": True,
+        "final_rms": True,
+        "use_normalization_before_and_after": True,
+        "use_qk_norm": True,
+        "use_local_attn": "sliding_attention" in types,
+        "window_size": config.sliding_window,
+        "attn_types": ["local" if t == "sliding_attention" else "global" for t in types],
+        "original_architecture": "Gemma3ForCausalLM",
+    }
+
+
 def _hooked_from_hf(hf_model, tokenizer, device, dtype, n_devices=1):
     """TransformerLens 3.x: convert an in-memory transformers model offline."""
     import transformer_lens.loading_from_pretrained as loading
@@ -153,14 +189,17 @@ def _hooked_from_hf(hf_model, tokenizer, device, dtype, n_devices=1):
         config.setdefault("n_ctx", config["n_positions"])
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
-        try:
-            cfg_dict = loading.convert_hf_model_config(tmp)
-        except NotImplementedError as err:
-            raise ValueError(
-                f"TransformerLens {_tl_version()} (HookedTransformer) cannot convert "
-                f"{config['architectures'][0]} from a local or in-memory model ({err}); "
-                "TransformerLens 4 can: pip install 'transformer-lens>=4'"
-            ) from err
+        if config["architectures"] == ["Gemma3ForCausalLM"]:
+            cfg_dict = _gemma3_hooked_config(hf_model.config)
+        else:
+            try:
+                cfg_dict = loading.convert_hf_model_config(tmp)
+            except NotImplementedError as err:
+                raise ValueError(
+                    f"TransformerLens {_tl_version()} (HookedTransformer) cannot convert "
+                    f"{config['architectures'][0]} from a local or in-memory model ({err}); "
+                    "TransformerLens 4 can: pip install 'transformer-lens>=4'"
+                ) from err
         fields = HookedTransformerConfig.__dataclass_fields__
         cfg = HookedTransformerConfig(
             **{k: v for k, v in cfg_dict.items() if k in fields},
@@ -284,6 +323,8 @@ def load_model(
         hf_model = hf_model.eval()
     else:
         hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    if not hf_model.config.architectures:  # a model built from a config names none
+        hf_model.config.architectures = [type(hf_model).__name__]
     if line == "bridge":
         from transformer_lens.model_bridge import TransformerBridge
 
