@@ -1,14 +1,22 @@
-"""The duality decomposition against an independent recomputation, on three
-architectures (GPT-2, GPT-NeoX with partial rotary, Llama with grouped-query attention),
-on whichever TransformerLens line is installed."""
+"""The duality decomposition against an independent recomputation, on four
+architectures (GPT-2, GPT-NeoX with partial rotary, Llama with grouped-query attention,
+Gemma 3 with QK-norm, sliding-window layers shorter than the prompt and its own query
+scaling), on whichever TransformerLens line is installed."""
 
 import pytest
 import torch
 
 import icl_lens as il
-from tests.models import ARCHITECTURES, ROTARY_FRACTION, make_model, make_tokenizer
+from tests.models import (
+    ARCHITECTURES,
+    GEMMA3_WINDOW,
+    ROTARY_FRACTION,
+    make_model,
+    make_tokenizer,
+)
 
 TOL = 1e-5
+HF_TWINS = {}  # arch -> the transformers model the hooked one wraps
 
 
 def rel_err(a, b):
@@ -17,7 +25,7 @@ def rel_err(a, b):
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def arch_model(request):
-    model, _ = make_model(request.param)
+    model, HF_TWINS[request.param] = make_model(request.param)
     return request.param, model
 
 
@@ -49,8 +57,55 @@ def _rotary(x, positions, rot_dim, base):
     return torch.cat([x_rot * cos[:, None] + rotated * sin[:, None], x_pass], -1)
 
 
+def _gemma_rms(x, weight, eps):
+    """Gemma's RMSNorm from its definition: x / rms(x) * (1 + w)."""
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * (1.0 + weight.detach())
+
+
+def gemma3_reference(hf, prompt, layer, position):
+    """(relaxed, zsl, icl, z) of every head at ``position``, from the transformers weights
+    and Gemma 3's definitions alone: RMSNorm with 1 + w, QK-norm, rotary with the layer
+    type's base, one key/value head shared by all query heads, keys j visible when
+    j <= position and, on a sliding layer, position - j < window; softmax scaled by
+    1/sqrt(query_pre_attn_scalar). Only the residual stream entering the layer comes from
+    the transformers forward."""
+    cfg = hf.config
+    with torch.no_grad():
+        hidden = hf(prompt.tokens[None], output_hidden_states=True).hidden_states
+    block = hf.model.layers[layer]
+    attn = block.self_attn
+    x = _gemma_rms(hidden[layer][0], block.input_layernorm.weight, cfg.rms_norm_eps)
+    d = cfg.head_dim
+
+    def heads(proj, n):
+        return (x @ proj.weight.detach().T).view(-1, n, d)
+
+    eps = cfg.rms_norm_eps
+    q = _gemma_rms(heads(attn.q_proj, cfg.num_attention_heads), attn.q_norm.weight, eps)
+    k = _gemma_rms(heads(attn.k_proj, cfg.num_key_value_heads), attn.k_norm.weight, eps)
+    v = heads(attn.v_proj, cfg.num_key_value_heads)
+    layer_type = cfg.layer_types[layer]
+    base = cfg.rope_parameters[layer_type]["rope_theta"]
+    pos = torch.arange(prompt.n_tokens)
+    q, k = _rotary(q, pos, d, base), _rotary(k, pos, d, base)
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    seen = pos <= position
+    if layer_type == "sliding_attention":
+        seen &= position - pos < cfg.sliding_window
+    kq = torch.einsum("hd,phd->hp", q[position], k) * seen
+    demo = prompt.demo_mask
+    icl = torch.einsum("hp,phd->hd", kq * demo, v)
+    zsl = torch.einsum("hp,phd->hd", kq * ~demo, v)
+    scores = (kq * cfg.query_pre_attn_scalar**-0.5).masked_fill(~seen, float("-inf"))
+    z = torch.einsum("hp,phd->hd", scores.softmax(-1), v)
+    return zsl + icl, zsl, icl, z
+
+
 def independent_relaxed(model, prompt, layer, position, arch):
     """sum_j v_j (k_j . q) from the weights and the residual stream alone."""
+    if arch == "gemma3":
+        return gemma3_reference(HF_TWINS[arch], prompt, layer, position)[0]
     adapter = il.adapt(model)
     _, cache = model.run_with_cache(prompt.tokens[None])
     resid = cache[f"blocks.{layer}.hook_resid_pre"][0].detach()
@@ -107,12 +162,109 @@ def test_softmax_split_reproduces_hook_z(arch_model, prompt):
     assert ((dec.demo_mass > 0) & (dec.demo_mass < 1)).all()
 
 
-def test_head_outputs_through_W_O_sum_to_attn_out(arch_model, prompt):
+def test_gemma3_terms_and_softmax_output_against_a_from_scratch_reference(prompt):
+    """Every layer (local and global) at every query position; the prompt is longer
+    than the window, so the local layers' terms leave out the early tokens."""
+    model, hf = make_model("gemma3")
+    positions = range(prompt.query_start, prompt.n_tokens)
+    dec = il.decompose(model, prompt, positions=positions)
+    for layer in range(hf.config.num_hidden_layers):
+        for n, position in enumerate(positions):
+            relaxed, zsl, icl, z = gemma3_reference(hf, prompt, layer, position)
+            assert rel_err(dec.zsl[layer, :, n], zsl) <= TOL, (layer, position)
+            assert rel_err(dec.icl[layer, :, n], icl) <= TOL, (layer, position)
+            assert rel_err(dec.relaxed[layer, :, n], relaxed) <= TOL, (layer, position)
+            assert rel_err(dec.z[layer, :, n], z) <= TOL, (layer, position)
+
+
+def test_gemma3_demonstrations_outside_a_local_window_contribute_nothing(prompt):
+    model, hf = make_model("gemma3")
+    dec = il.decompose(model, prompt, matrices=True)
+    position = prompt.prediction_position
+    demo_positions = prompt.demo_mask.nonzero()[:, 0]
+    outside = position - demo_positions >= GEMMA3_WINDOW
+    assert outside.any() and (~outside).any()  # the prompt straddles the window
+    for layer, kind in enumerate(hf.config.layer_types):
+        seen = dec.visible[layer, :, 0][:, prompt.demo_mask]  # head demo
+        for head in range(dec.icl.shape[1]):
+            contrib = dec.contributions(layer, head).norm(dim=-1)
+            if kind == "sliding_attention":
+                assert torch.equal(seen[head], ~outside)
+                assert (contrib[outside] == 0).all() and (contrib[~outside] > 0).all()
+            else:
+                assert seen[head].all() and (contrib > 0).all()
+        # BOS sits outside the window too: the zero-shot term loses it on local layers
+        assert dec.visible[layer, :, 0, 0].all() == (kind == "full_attention")
+        # the matrix form sums over the visible demonstrations only
+        in_window = prompt.demo_mask & dec.visible[layer, 0, 0]
+        v, k = dec.values[layer, :, in_window], _keys(model, prompt, layer)[:, in_window]
+        assert rel_err(dec.dW_ICL[layer, :, 0], torch.einsum("hpa,hpb->hab", v, k)) <= TOL
+
+
+def _keys(model, prompt, layer):
+    """The post-rotary keys of ``layer``, expanded to query heads: head pos d_head."""
+    adapter = il.adapt(model)
+    cap = il.hooks.Capture(adapter, what={"k"}, layers=[layer])
+    with adapter.inference():
+        cap.run(prompt.tokens[None])
+    return cap.values["k", layer][0].transpose(0, 1).repeat_interleave(adapter.group_size, 0)
+
+
+def test_key_dot_query_times_the_model_scale_is_its_attention_score(arch_model, prompt):
+    """q and k are the ones in the model's dot product (after QK-norm and rotary);
+    score_scale is its own factor (Gemma: 1/sqrt(query_pre_attn_scalar))."""
     _, model = arch_model
+    adapter = il.adapt(model)
     dec = il.decompose(model, prompt)
-    total = dec.head_outputs.sum(1) + dec.b_O[:, None]
+    cap = il.hooks.Capture(adapter, what={"scores"})
+    with adapter.inference():
+        cap.run(prompt.tokens[None], positions=torch.tensor([[prompt.prediction_position]]))
+    for layer in range(adapter.n_layers):
+        scores = cap.values["scores", layer][0, 0]  # head key_pos
+        seen = dec.visible[layer, :, 0]
+        got = dec.key_dot_query[layer, :, 0] * dec.score_scale[layer]
+        assert torch.equal(seen, scores > -1e30)
+        assert rel_err(got[seen], scores[seen]) <= TOL
+        assert (dec.key_dot_query[layer, :, 0][~seen] == 0).all()
+
+
+def test_head_outputs_through_W_O_sum_to_attn_out(arch_model, prompt):
+    """Through W_O (and Gemma's post-attention norm, frozen at this forward) the heads'
+    outputs add up to hook_attn_out, what the block adds to the residual stream."""
+    arch, model = arch_model
+    dec = il.decompose(model, prompt)
+    bias = dec.b_O[:, None]
+    assert (dec.post_norm is not None) == (arch == "gemma3")
+    if dec.post_norm is not None:
+        bias = bias * dec.post_norm
+    total = dec.head_outputs.sum(1) + bias
     for layer in range(total.shape[0]):
         assert rel_err(total[layer], dec.attn_out[layer]) <= TOL
+
+
+def test_label_direction_reads_the_logit_difference_off_the_residual_stream(arch_model, prompt):
+    """The direction is direct logit attribution's: dotted with the final residual
+    stream (plus the constant the final norm's and unembedding's biases add) it gives
+    the model's logit difference, Gemma's 1 + w norm weight included."""
+    _, model = arch_model
+    adapter = il.adapt(model)
+    a, b = 96, 95
+    dec = il.decompose(model, prompt, label_tokens=(a, b))
+    p = prompt.prediction_position
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(prompt.tokens[None])
+    resid = cache[f"blocks.{adapter.n_layers - 1}.hook_resid_post"][0, p]
+    W_U = model.W_U.detach()
+    constant = 0.0
+    params = model.ln_final.named_parameters()
+    bias = next((x for name, x in params if name.split(".")[-1] in ("b", "bias")), None)
+    if bias is not None:
+        constant += float(bias.detach() @ (W_U[:, b] - W_U[:, a]))
+    b_U = getattr(model, "b_U", None)
+    if b_U is not None:
+        constant += float(b_U.detach()[b] - b_U.detach()[a])
+    got = float(resid @ dec.label_direction[-1, 0]) + constant
+    assert got == pytest.approx(float(logits[0, p, b] - logits[0, p, a]), rel=1e-4, abs=1e-5)
 
 
 def test_contributions_sum_to_icl_term_and_matrices_agree(arch_model, prompt):
@@ -131,7 +283,7 @@ def test_contributions_sum_to_icl_term_and_matrices_agree(arch_model, prompt):
         cap.run(prompt.tokens[None], positions=torch.tensor([[prompt.prediction_position]]))
     for layer in range(dec.icl.shape[0]):
         q = cap.values["q", layer][0, 0]  # head d_head
-        via_matrix = torch.einsum("had,hd->ha", dec.dW_ICL[layer], q)
+        via_matrix = torch.einsum("had,hd->ha", dec.dW_ICL[layer, :, 0], q)
         assert rel_err(via_matrix, dec.icl[layer, :, 0]) <= TOL
         via_matrix = torch.einsum("had,hd->ha", dec.W_ZSL[layer, :, 0], q)
         assert rel_err(via_matrix, dec.zsl[layer, :, 0]) <= TOL

@@ -62,6 +62,17 @@ def _bridge_drop_pattern(module, args, output):
         module._pattern = None
 
 
+def masked_as_neginf(scores: Tensor) -> Tensor:
+    """Pre-softmax attention scores with every masked entry (causal, sliding window,
+    padding) set to ``-inf``, on either line.
+
+    TransformerLens 3 masks with ``-inf``; the bridge adds the dtype's most negative
+    number to the score, which leaves a finite value next to it (summing four such
+    scores overflows to ``-inf``, subtracting two gives NaN). No real score comes within
+    a factor of two of that number, so the cut is unambiguous."""
+    return scores.masked_fill(scores <= torch.finfo(scores.dtype).min / 2, float("-inf"))
+
+
 @dataclass(frozen=True)
 class ModelAdapter:
     """A hooked model plus the facts icl-lens needs about it.
@@ -99,6 +110,7 @@ class ModelAdapter:
             "attn_out": f"blocks.{layer}.hook_attn_out",
             "resid_pre": f"blocks.{layer}.hook_resid_pre",
             "resid_post": f"blocks.{layer}.hook_resid_post",
+            "post_norm_scale": f"blocks.{layer}.ln1_post.hook_scale",
         }
         return table[what]
 
@@ -123,6 +135,38 @@ class ModelAdapter:
         cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
         x_rot, x_pass = x[..., :rot], x[..., rot:]
         return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+    # ---- attention as the model computes it -----------------------------------------
+    def score_scale(self, layer: int) -> float:
+        """The factor the model multiplies ``q . k`` by before the softmax: 1/sqrt(d_head)
+        for most models, 1/sqrt(query_pre_attn_scalar) for Gemma 2/3. q and k are the
+        hooked ones (after QK-norm and rotary), so ``scores == score_scale * q . k``."""
+        attn = self.model.blocks[layer].attn
+        if self.line == "bridge":
+            scaling = getattr(getattr(attn, "original_component", None), "scaling", None)
+            return float(scaling) if scaling is not None else self.d_head**-0.5
+        return 1.0 / float(attn.attn_scale) if self.model.cfg.use_attn_scale else 1.0
+
+    def post_attn_norm(self, layer: int) -> torch.nn.Module | None:
+        """The norm between the attention output and the residual add (Gemma 2/3's
+        post_attention_layernorm), or None: ``hook_attn_out`` is after it."""
+        return getattr(self.model.blocks[layer], "ln1_post", None)
+
+    def norm_weight(self, norm: torch.nn.Module) -> Float[Tensor, " d_model"]:
+        """The per-channel scale a LayerNorm/RMSNorm applies after normalising.
+
+        Gemma stores it as an offset from one (``1 + w``): the bridge keeps ``w`` and
+        adds the one at run time, TransformerLens 3 adds it when converting weights."""
+        if self.line == "bridge":
+            weight = getattr(norm, "weight", None)
+            if weight is None:
+                return torch.ones(self.d_model, device=self.device, dtype=self.dtype)
+            weight = weight.detach()
+            return 1.0 + weight if getattr(norm, "uses_weight_offset", False) else weight
+        weight = getattr(norm, "w", None)
+        if weight is None:
+            return torch.ones(self.d_model, device=self.device, dtype=self.dtype)
+        return weight.detach()
 
     # ---- weights ----------------------------------------------------------------
     def W_O(self, layer: int) -> Float[Tensor, "head d_head d_model"]:

@@ -6,10 +6,20 @@ splits exactly into a zero-shot part and an in-context "meta-gradient" part:
     sum_j v_j (k_j . q) = W_ZSL q + dW_ICL q,
     W_ZSL = sum_{j in BOS and query tokens} v_j k_j^T,   dW_ICL = sum_{i in demos} v_i k_i^T.
 
-Everything is read from the q, k, v the model computed (post-rotary, grouped-query
-aware). The softmax output splits exactly too, z = alpha z_demo + (1 - alpha) z_query;
-the relaxation itself is an approximation and its gap to the real head output is
-reported per head, not hidden.
+Everything is read from the q, k, v the model computed: the ones that enter its dot
+product (after QK-norm and rotary, grouped-query aware). Both sums run over the keys
+the head can see from the position, read from the model's own attention mask: causal,
+and on a sliding-window (local) layer only the last ``window`` tokens, so a
+demonstration token outside a local layer's window is in neither term. The scaling is
+dropped as in the paper (``score_scale`` holds the model's own factor: 1/sqrt(d_head),
+Gemma's 1/sqrt(query_pre_attn_scalar)). The softmax output splits exactly too,
+z = alpha z_demo + (1 - alpha) z_query; the relaxation itself is an approximation and
+its gap to the real head output is reported per head, not hidden.
+
+Models with a norm after the attention block (Gemma 2/3's post_attention_layernorm)
+add ``post_norm(attn)`` to the residual stream: per position that is a per-channel
+scale, frozen at this forward (``post_norm``), which :meth:`Decomposition.to_resid`
+applies after W_O, as direct logit attribution freezes the final norm's scale.
 
 Weight processing: ``v`` is whatever ``hook_v`` holds. icl-lens's loader keeps value
 biases in ``v``; if you loaded with TransformerLens's ``fold_value_biases`` (the
@@ -38,9 +48,9 @@ from torch import Tensor
 from icl_lens.analyses import with_head_labels
 from icl_lens.data.prompts import Prompt, check_prompts
 from icl_lens.hooks.capture import Capture
-from icl_lens.model.adapter import adapt
+from icl_lens.model.adapter import adapt, masked_as_neginf
 
-WHAT = ("q", "k", "v", "z", "pattern", "attn_out")
+WHAT = ("q", "k", "v", "z", "scores", "pattern", "attn_out")
 
 
 def _cos(a: Tensor, b: Tensor) -> Tensor:
@@ -64,7 +74,12 @@ class Decomposition:
     icl: Float[Tensor, "layer head n_pos d_head"]
     """dW_ICL q: the demonstration tokens' meta-gradient term."""
     key_dot_query: Float[Tensor, "layer head n_pos pos"]
-    """k_j . q for every key token j (0 after the position: causal)."""
+    """k_j . q for every key token j the head sees; 0 where it does not (after the
+    position, or outside a local layer's sliding window)."""
+    visible: Bool[Tensor, "layer head n_pos pos"]
+    """Keys the head attends to from each position, as the model masked them."""
+    score_scale: Float[Tensor, " layer"]
+    """The model's factor on q . k before the softmax (dropped in the relaxation)."""
     values: Float[Tensor, "layer head pos d_head"]
     pattern: Float[Tensor, "layer head n_pos pos"]
     z: Float[Tensor, "layer head n_pos d_head"]
@@ -72,9 +87,13 @@ class Decomposition:
     W_O: Float[Tensor, "layer head d_head d_model"]
     b_O: Float[Tensor, "layer d_model"]
     attn_out: Float[Tensor, "layer n_pos d_model"]
-    """hook_attn_out: sum over heads of z W_O, plus b_O."""
+    """hook_attn_out: sum over heads of z W_O, plus b_O (then ``post_norm``)."""
+    post_norm: Float[Tensor, "layer n_pos d_model"] | None = None
+    """Per-channel scale of the norm after attention (Gemma 2/3), frozen at this
+    forward; None for models without one."""
     W_ZSL: Float[Tensor, "layer head n_pos d_head d_head"] | None = None
-    dW_ICL: Float[Tensor, "layer head d_head d_head"] | None = None
+    dW_ICL: Float[Tensor, "layer head n_pos d_head d_head"] | None = None
+    """Per position: with a sliding window the visible demonstrations depend on it."""
     label_direction: Float[Tensor, "layer n_pos d_model"] | None = None
     """Residual direction whose dot product is a head's direct effect on the label
     logit difference (final norm scale applied), when label tokens were given."""
@@ -86,7 +105,8 @@ class Decomposition:
 
     @property
     def query_side_mask(self) -> Bool[Tensor, "n_pos pos"]:
-        """BOS and query tokens up to (and including) each recorded position."""
+        """BOS and query tokens up to (and including) each recorded position (of
+        which a local layer sees only those in its window: see ``visible``)."""
         upto = torch.arange(self.prompt.n_tokens)[None, :] <= self.positions[:, None]
         return upto & ~self.demo_mask[None, :]
 
@@ -123,19 +143,25 @@ class Decomposition:
 
     # ---- per-token meta-gradients ----------------------------------------------------
     def contributions(self, layer: int, head: int, n: int = 0) -> Float[Tensor, "demo d_head"]:
-        """v_i (k_i . q) for each demonstration token i (rows in prompt order)."""
+        """v_i (k_i . q) for each demonstration token i (rows in prompt order; zero for
+        tokens outside the head's window)."""
         s = self.key_dot_query[layer, head, n, self.demo_mask]
         return self.values[layer, head, self.demo_mask] * s[:, None]
+
+    def head_to_resid(
+        self, layer: int, head: int, n: int, x: Float[Tensor, "... d_head"]
+    ) -> Float[Tensor, "... d_model"]:
+        """Vectors of one head at recorded position ``n`` mapped into the residual
+        stream: through W_O, then the frozen post-attention norm where there is one."""
+        resid = x @ self.W_O[layer, head]
+        return resid if self.post_norm is None else resid * self.post_norm[layer, n]
 
     def token_effects(self, layer: int, head: int, n: int = 0) -> Float[Tensor, " pos"]:
         """Each token's term mapped through W_O and onto the label direction (or, with
         no label tokens given, its norm in the residual stream). Demonstration and
         query tokens alike; zero after the position."""
-        resid = torch.einsum(
-            "pd,dm->pm",
-            self.values[layer, head] * self.key_dot_query[layer, head, n][:, None],
-            self.W_O[layer, head],
-        )
+        terms = self.values[layer, head] * self.key_dot_query[layer, head, n][:, None]
+        resid = self.head_to_resid(layer, head, n, terms)
         if self.label_direction is None:
             return resid.norm(dim=-1)
         return resid @ self.label_direction[layer, n]
@@ -144,8 +170,10 @@ class Decomposition:
     def to_resid(
         self, per_head: Float[Tensor, "layer head n_pos d_head"]
     ) -> Float[Tensor, "layer head n_pos d_model"]:
-        """Map per-head vectors into the residual stream through each head's W_O."""
-        return torch.einsum("lhnd,lhdm->lhnm", per_head, self.W_O)
+        """Map per-head vectors into the residual stream through each head's W_O (and
+        the frozen post-attention norm where the model has one)."""
+        resid = torch.einsum("lhnd,lhdm->lhnm", per_head, self.W_O)
+        return resid if self.post_norm is None else resid * self.post_norm[:, None]
 
     @property
     def head_outputs(self) -> Float[Tensor, "layer head n_pos d_model"]:
@@ -240,13 +268,7 @@ def _label_direction(adapter, label_tokens, scale: Tensor) -> Tensor:
     model = adapter.model
     W_U = model.W_U.detach()
     a, b = label_tokens
-    direction = W_U[:, b] - W_U[:, a]
-    weight = None
-    for name, p in model.ln_final.named_parameters():
-        if name.split(".")[-1] in ("w", "weight"):
-            weight = p.detach()
-    if weight is not None:
-        direction = direction * weight
+    direction = (W_U[:, b] - W_U[:, a]) * adapter.norm_weight(model.ln_final)
     if getattr(model.cfg, "normalization_type", "LN") in ("LN", "LNPre"):
         direction = direction - direction.mean()
     return direction[None, :] / scale[:, None]  # n_pos d_model
@@ -293,7 +315,7 @@ def decompose(
 
     ``label_tokens=(a, b)`` (two token ids) adds each term's direct effect on the logit
     difference ``logit[b] - logit[a]``. ``matrices=True`` also returns the d_head x d_head
-    matrices W_ZSL (per position) and dW_ICL.
+    matrices W_ZSL and dW_ICL (per position).
     """
     adapter = adapt(model)
     check_prompts([prompt], getattr(model, "tokenizer", None))
@@ -316,44 +338,60 @@ def decompose(
     layers = list(range(adapter.n_layers)) if layers is None else list(layers)
     capture = Capture(adapter, what=WHAT, layers=layers)
     pos = torch.tensor(positions, dtype=torch.long)
-    hooks_extra = []
-    scales = {}
-    if label_tokens is not None:
+    post_norms = [adapter.post_attn_norm(layer) for layer in layers]
+    scales: dict[str, Tensor] = {}
 
-        def keep_scale(x, hook=None):
-            scales["s"] = x.detach()[0, pos.to(x.device), 0]
+    def keep_scale(key):
+        def hook(x, hook=None):
+            scales[key] = x.detach()[0, pos.to(x.device), 0]
 
-        hooks_extra = [("ln_final.hook_scale", keep_scale)]
+        return hook
+
+    hooks_extra = [("ln_final.hook_scale", keep_scale("final"))] if label_tokens else []
+    hooks_extra += [
+        (adapter.name(layer, "post_norm_scale"), keep_scale(f"post{layer}"))
+        for layer, norm in zip(layers, post_norms, strict=True)
+        if norm is not None
+    ]
     with adapter.inference():
         tokens = prompt.tokens[None].to(adapter.device)
         with adapter.model.hooks(fwd_hooks=hooks_extra):
             capture.run(tokens, positions=pos[None].to(adapter.device))
     g = adapter.group_size
     v_ = {key: x.float().cpu() for key, x in capture.values.items()}  # layers' devices -> cpu
-    q = torch.stack([v_["q", layer][0] for layer in layers]).transpose(1, 2)  # l h n d
-    k = torch.stack([v_["k", layer][0] for layer in layers]).transpose(1, 2)  # l kv p d
-    v = torch.stack([v_["v", layer][0] for layer in layers]).transpose(1, 2)
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    z = torch.stack([v_["z", layer][0] for layer in layers]).transpose(1, 2)
-    pattern = torch.stack([v_["pattern", layer][0] for layer in layers]).transpose(1, 2)
-    attn_out = torch.stack([v_["attn_out", layer][0] for layer in layers])
 
-    causal = torch.arange(prompt.n_tokens)[None, :] <= pos[:, None]  # n_pos pos
-    key_dot_query = torch.einsum("lhnd,lhpd->lhnp", q, k) * causal
+    def stack(what: str) -> Tensor:  # layer [n_pos | pos] head ...
+        return torch.stack([v_[what, layer][0] for layer in layers])
+
+    q, k, v, z = (stack(w).transpose(1, 2) for w in ("q", "k", "v", "z"))  # l h [n|p] d
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    pattern = stack("pattern").transpose(1, 2)  # l h n p
+    # the keys each head saw, as the model masked them (causal, sliding window)
+    visible = ~torch.isneginf(masked_as_neginf(stack("scores").transpose(1, 2)))
+    key_dot_query = torch.einsum("lhnd,lhpd->lhnp", q, k).masked_fill(~visible, 0.0)
     demo = prompt.demo_mask
-    query_side = causal & ~demo[None, :]
     icl = torch.einsum("lhnp,lhpd->lhnd", key_dot_query * demo, v)
-    zsl = torch.einsum("lhnp,lhpd->lhnd", key_dot_query * query_side, v)
+    zsl = torch.einsum("lhnp,lhpd->lhnd", key_dot_query * ~demo, v)
 
     W_ZSL = dW_ICL = None
     if matrices:
-        dW_ICL = einops.einsum(v[:, :, demo], k[:, :, demo], "l h p a, l h p b -> l h a b")
-        W_ZSL = einops.einsum(v, k, query_side.float(), "l h p a, l h p b, n p -> l h n a b")
+        seen = visible.float()
+        dW_ICL = einops.einsum(v, k, seen * demo, "l h p a, l h p b, l h n p -> l h n a b")
+        W_ZSL = einops.einsum(v, k, seen * ~demo, "l h p a, l h p b, l h n p -> l h n a b")
     W_O = torch.stack([adapter.W_O(layer).float().cpu() for layer in layers])
     b_O = torch.stack([adapter.b_O(layer).float().cpu() for layer in layers])
+    post_norm = None
+    if any(norm is not None for norm in post_norms):
+        post_norm = torch.stack(
+            [
+                adapter.norm_weight(norm).float().cpu()[None, :]
+                / scales[f"post{layer}"].float().cpu()[:, None]
+                for layer, norm in zip(layers, post_norms, strict=True)
+            ]
+        )
     direction = None
     if label_tokens is not None:
-        d = _label_direction(adapter, label_tokens, scales["s"]).float().cpu()
+        d = _label_direction(adapter, label_tokens, scales["final"]).float().cpu()
         direction = d[None].expand(len(layers), -1, -1)
     return Decomposition(
         prompt=prompt,
@@ -362,12 +400,15 @@ def decompose(
         zsl=zsl,
         icl=icl,
         key_dot_query=key_dot_query,
+        visible=visible,
+        score_scale=torch.tensor([adapter.score_scale(layer) for layer in layers]),
         values=v,
         pattern=pattern,
         z=z,
         W_O=W_O,
         b_O=b_O,
-        attn_out=attn_out.float().cpu(),
+        attn_out=stack("attn_out"),
+        post_norm=post_norm,
         W_ZSL=W_ZSL,
         dW_ICL=dW_ICL,
         label_direction=direction,

@@ -201,8 +201,8 @@ def meta_gradients(
     upto = slice(0, pos + 1)
     kq = dec.key_dot_query[li, head, n, upto]
     terms = dec.values[li, head, upto] * kq[:, None]  # pos d_head
-    resid = terms @ dec.W_O[li, head]  # pos d_model
-    out = dec.z[li, head, n] @ dec.W_O[li, head]
+    resid = dec.head_to_resid(li, head, n, terms)  # pos d_model
+    out = dec.head_to_resid(li, head, n, dec.z[li, head, n])
     unit = out / out.norm().clamp(min=1e-30)
     values: dict[str, Tensor] = {}
     if dec.label_direction is not None:
