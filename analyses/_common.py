@@ -42,6 +42,16 @@ def check_finite(x: np.ndarray, name: str) -> None:
         )
 
 
+def check_scores(x: np.ndarray, name: str) -> None:
+    """Attention scores: finite, or ``-inf`` where the model masked the token (e.g.
+    outside a local layer's sliding window); NaN and ``+inf`` are errors."""
+    if np.any(np.isnan(x) | np.isposinf(x)):
+        raise ValueError(
+            f"{name} contains NaN or +inf values; record raw scores (-inf marks a token "
+            "the model masked) or drop the affected queries before calling this metric"
+        )
+
+
 def rng_for(seed: int, baseline: str, *extra: int) -> np.random.Generator:
     """A generator for one baseline, independent of the others for the same seed."""
     return np.random.default_rng([int(seed), _STREAM_IDS[baseline], *extra])

@@ -12,6 +12,11 @@ Tau is a rank statistic: raw scores, softmax probabilities (the authors apply a 
 first) and any other strictly increasing transform give the same value. The authors'
 code uses the first 100 validation queries: ``max_queries=100`` by default.
 
+Tokens the layer cannot see (ICL score ``-inf``: masked, e.g. outside a local layer's
+sliding window; the softmax gives them no weight) are left out of both rankings: tau
+is over the demonstration tokens the layer attends to, FT's side restricted to the same
+tokens.
+
 A constant vector (or one of fewer than 2 tokens) has no ranking: scipy returns NaN;
 here such (query, layer) cells are skipped explicitly, stored as NaN and counted in
 ``n_skipped`` (the authors' code would let one NaN turn the whole mean into NaN).
@@ -33,6 +38,9 @@ Baselines (seeded):
 [[0.6667], [0.8]]
 >>> round(r.value, 4), r.n_skipped
 (0.7333, 0)
+>>> masked = [torch.tensor([[-float("inf"), 2.0, 3.0, 4.0]])]  # token 0 outside the window
+>>> kendall(masked, [torch.tensor([[9.0, 1.0, 2.0, 3.0]])]).values.tolist()
+[[1.0]]
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import scipy.stats
 import torch
 from jaxtyping import Float
 
-from ._common import as_query_list, check_finite, derangement, rng_for
+from ._common import as_query_list, check_finite, check_scores, derangement, rng_for
 from .result import MetricResult
 
 DemoScores = (
@@ -97,7 +105,7 @@ def kendall(
                 f"with {n_layers} layers; the pipeline aligns training tokens with "
                 "demonstration tokens 1:1"
             )
-        check_finite(a, f"icl[{q}]")
+        check_scores(a, f"icl[{q}]")
         check_finite(b, f"ft[{q}]")
     n = len(icl_)
 
@@ -123,12 +131,13 @@ def kendall(
     )
     for q in range(n):
         for layer in range(n_layers):
-            a = icl_[q][layer]
-            obs[q, layer] = _tau_b(a, ft_[q][layer])
+            seen = np.isfinite(icl_[q][layer])  # the tokens this layer attends to
+            a = icl_[q][layer][seen]
+            obs[q, layer] = _tau_b(a, ft_[q][layer][seen])
             if "random_uniform" in baselines:
                 base["random_uniform"][q, layer] = _tau_b(a, rng.random(a.shape))
             if perm is not None:
-                base["shuffled_queries"][q, layer] = _tau_b(a, ft_[perm[q]][layer])
+                base["shuffled_queries"][q, layer] = _tau_b(a, ft_[perm[q]][layer][seen])
 
     opts = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
     return MetricResult("kendall", "tau_b", obs, base, **opts)

@@ -11,6 +11,11 @@ have the same length for a query):
   and FT change the scores the same way? ``after`` can be high just because both stay
   close to ZSL.
 
+Tokens a setting's head cannot see (score ``-inf``: masked, e.g. BOS outside a local
+layer's sliding window behind the demonstrations) are left out of every vector of that
+(query, layer, head), baselines included: the cosines are over the query-side tokens
+all three settings attend to.
+
 Summary: mean over queries for each (layer, head), then over heads, then over layers
 (equal to the plain mean when nothing is skipped). A zero vector (e.g. FT leaves a
 head's scores exactly unchanged, under ``changes``) gives NaN, skipped and counted.
@@ -47,7 +52,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from ._common import as_query_list, check_finite, cosine, derangement, rng_for
+from ._common import as_query_list, check_scores, cosine, derangement, rng_for
 from .result import MetricResult, VariantSet
 
 Scores = (
@@ -82,6 +87,12 @@ def _right_aligned_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(out, -1.0, 1.0, out=out)
 
 
+def _seen_by_all(*scores: np.ndarray) -> np.ndarray:
+    """Tokens every setting attends to (no -inf); zeroing the others in every vector
+    removes them from dot products and norms alike."""
+    return np.logical_and.reduce([np.isfinite(x) for x in scores])
+
+
 def _check_inputs(zsl: list, icl: list, ft: list) -> tuple[int, int, int]:
     if not len(zsl) == len(icl) == len(ft):
         raise ValueError(
@@ -102,7 +113,7 @@ def _check_inputs(zsl: list, icl: list, ft: list) -> tuple[int, int, int]:
                 f">=1), got {z.shape}"
             )
         for name, x in (("zsl", z), ("icl", i), ("ft", f)):
-            check_finite(x, f"{name}[{q}]")
+            check_scores(x, f"{name}[{q}]")
     return len(zsl), int(n_layers), int(n_heads)
 
 
@@ -143,14 +154,18 @@ def simam(
         derangement(n, rngs["shuffled_queries"]) if "shuffled_queries" in baselines else None
     )
 
+    seen = [_seen_by_all(zsl_[q], icl_[q], ft_[q]) for q in range(n)]
+    zsl_, icl_, ft_ = (
+        [np.where(s, x, 0.0) for s, x in zip(seen, xs, strict=True)] for xs in (zsl_, icl_, ft_)
+    )
     for q in range(n):
         pairs = _pairs(zsl_[q], icl_[q], ft_[q])
         shape = zsl_[q].shape
         rand = {}
         if "random_uniform" in baselines:
-            rand["random_uniform"] = rngs["random_uniform"].random(shape)
+            rand["random_uniform"] = rngs["random_uniform"].random(shape) * seen[q]
         if "random_gaussian" in baselines:
-            rand["random_gaussian"] = rngs["random_gaussian"].standard_normal(shape)
+            rand["random_gaussian"] = rngs["random_gaussian"].standard_normal(shape) * seen[q]
         if "shuffled_heads" in baselines:
             head_perm = np.stack(
                 [derangement(n_heads, rngs["shuffled_heads"]) for _ in range(n_layers)]

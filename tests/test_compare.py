@@ -493,3 +493,41 @@ def test_a_hub_task_offline_says_how_to_pass_a_local_file(gpt2):
     # cb: the one paper task without an offline copy to fall back to (StaICC)
     with pytest.raises(TaskLoadError, match="Pass a local file instead"):
         il.compare(gpt2, "cb", shots=2, lr_grid=[0.1], progress=False)
+
+
+def test_gemma3_tokens_outside_the_sliding_window_are_left_out_of_the_metrics(task):
+    """Gemma 3's local layers (window 8 here) cannot see the early demonstrations or BOS
+    of an ICL prompt: those scores are -inf in the recordings (not NaN, not a huge
+    finite number), and every metric is computed over the tokens each layer sees."""
+    model, hf = make_model("gemma3")
+    cmp = il.compare(
+        model,
+        task,
+        shots=4,
+        seed=1,
+        lr_grid=[10.0],
+        control=False,
+        n_resamples=50,
+        progress=False,
+    )
+    overall = cmp.metrics().query("layer == -1 and head == -1 and metric != 'rec2ftp'")
+    assert np.isfinite(overall["value"]).all()
+
+    spec, tok = task.spec, model.tokenizer
+    labels = label_tokens(tok, spec)
+    prompt = il.task_prompt(tok, spec, task.train[:4], task.validation[0])
+    queries = [torch.tensor(encode(tok, spec.format_query(ex))) for ex in task.validation[:3]]
+    rec = record(model, prompt.prefix, queries, labels)
+    window, n_prefix = hf.config.sliding_window, len(prompt.prefix)
+    demo_positions = torch.arange(1, n_prefix)
+    for n, position in enumerate(rec.positions.tolist()):
+        too_far = n_prefix + position - demo_positions >= window
+        assert too_far.any() and (~too_far).any()
+        for layer, kind in enumerate(hf.config.layer_types):
+            demo, query_side = rec.demo_scores[n, layer], rec.query_scores[n][layer]
+            if kind == "sliding_attention":
+                assert torch.equal(torch.isneginf(demo), too_far)
+                assert torch.isneginf(query_side[:, 0]).all()  # BOS
+                assert torch.isfinite(query_side[:, 1:]).all()
+            else:
+                assert torch.isfinite(demo).all() and torch.isfinite(query_side).all()

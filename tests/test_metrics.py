@@ -482,3 +482,58 @@ def test_docstring_examples_run(name):
     module = importlib.import_module("icl_lens.analyses" + name)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+# ---- tokens a layer cannot see (sliding windows): -inf scores ---------------------------
+
+
+def test_kendall_ranks_only_the_tokens_each_layer_sees():
+    """-inf (masked: outside a local layer's window) leaves a token out of both
+    rankings, per query and layer; NaN and +inf stay errors, and FT must be finite."""
+    rng = np.random.default_rng(3)
+    icl, ft = rng.normal(size=(4, 2, 9)), rng.normal(size=(4, 2, 9))
+    masked = icl.copy()
+    masked[:, 0, :4] = -np.inf  # layer 0 is local: the first 4 tokens are out of its window
+    r = ila.kendall(list(masked), list(ft), **FAST)
+    for q in range(4):
+        assert r.values[q, 0] == pytest.approx(
+            scipy.stats.kendalltau(icl[q, 0, 4:], ft[q, 0, 4:], variant="b").statistic
+        )
+        assert r.values[q, 1] == pytest.approx(
+            scipy.stats.kendalltau(icl[q, 1], ft[q, 1], variant="b").statistic
+        )
+    assert np.isfinite(r.baseline_values["random_uniform"]).all()
+    assert np.isfinite(r.baseline_values["shuffled_queries"]).all()
+    for bad, where, message in (
+        (np.nan, "icl", "NaN or \\+inf"),
+        (np.inf, "icl", "NaN or \\+inf"),
+        (-np.inf, "ft", "NaN or inf"),
+    ):
+        a, b = masked.copy(), ft.copy()
+        (a if where == "icl" else b)[1, 1, 2] = bad
+        with pytest.raises(ValueError, match=message):
+            ila.kendall(list(a), list(b), **FAST)
+
+
+def test_simam_compares_the_tokens_every_setting_sees():
+    """A column that ICL's head cannot see (BOS outside the window behind the
+    demonstrations) is dropped from all three vectors of that head."""
+    rng = np.random.default_rng(4)
+    zsl, icl, ft = (rng.normal(size=(3, 2, 2, 5)) for _ in range(3))  # n layer head tokens
+    masked = icl.copy()
+    masked[:, 0, :, 0] = -np.inf
+    r = ila.simam(list(zsl), list(masked), list(ft), **FAST)
+    dropped = ila.simam(
+        list(zsl[:, :1, :, 1:]), list(icl[:, :1, :, 1:]), list(ft[:, :1, :, 1:]), baselines=()
+    )
+    kept = ila.simam(list(zsl[:, 1:]), list(icl[:, 1:]), list(ft[:, 1:]), baselines=())
+    for variant in ("after", "before", "changes"):
+        got = getattr(r, variant).values
+        np.testing.assert_allclose(got[:, :1], getattr(dropped, variant).values)
+        np.testing.assert_allclose(got[:, 1:], getattr(kept, variant).values)
+        for values in getattr(r, variant).baseline_values.values():
+            assert np.isfinite(values).all()
+    bad = icl.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        ila.simam(list(zsl), list(bad), list(ft), **FAST)

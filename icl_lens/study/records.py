@@ -3,10 +3,11 @@
 For each query, at one recorded position and for every layer (method.md section 3):
 
 - ``attn_out``: the attention block output (after W_O, before the residual add);
-- ``query_scores``: raw pre-softmax scores ``q.k / sqrt(d_head)`` of every head to the
-  query-side tokens (the query's tokens up to the position, and BOS under
-  ``"prediction"``; demonstration columns left out, so ZSL, ICL and FT rows have the
-  same length);
+- ``query_scores``: raw pre-softmax scores ``q.k / sqrt(d_head)`` (with the model's own
+  scaling, e.g. Gemma's 1/sqrt(query_pre_attn_scalar)) of every head to the query-side
+  tokens (the query's tokens up to the position, and BOS under ``"prediction"``;
+  demonstration columns left out, so ZSL, ICL and FT rows have the same length; a key
+  the model masked, e.g. outside a sliding window, is -inf);
 - ``q`` (first ``keep_queries`` queries): the query vector of every head (post-rotary
   where the model rotates), for Kendall's FT side;
 - ``demo_scores`` (ICL only, first ``keep_queries`` queries): the scores to each
@@ -23,6 +24,12 @@ Two protocols place the recorded position:
   ``c_len`` counts BOS (LMOps ``understand_icl/struprompting/criterions/fs_eval.py``).
 
 The position is the same across ZSL, ICL and FT, so comparisons are consistent.
+
+Scores are recorded as the model's softmax saw them: a token the head cannot see from
+the position (on a sliding-window layer, one more than ``window`` tokens back, e.g. the
+early demonstrations and BOS of a long ICL prompt on Gemma 3's local layers) scores
+``-inf`` and gets no attention. The metrics leave such tokens out (Kendall ranks the
+demonstration tokens the layer sees; SimAM compares the tokens all settings see).
 
 >>> import torch, icl_lens as il
 >>> from tests.models import make_model
@@ -47,7 +54,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from icl_lens.hooks.prefix import PrefixRunner
-from icl_lens.model.adapter import adapt
+from icl_lens.model.adapter import adapt, masked_as_neginf
 from icl_lens.study.predict import LabelTokens, Predictions, complete_scores, first_token_scores
 
 __all__ = ["PROTOCOLS", "Protocol", "Records", "record"]
@@ -155,6 +162,7 @@ def record(
             torch.stack([v["q", la][:, 0] for la in layers], dim=1)[: max(0, keep - start)]
         )
         scores = torch.stack([v["scores", la][:, 0] for la in layers], dim=1)  # b l h key
+        scores = masked_as_neginf(scores)
         for b, p in enumerate(pos):
             keep_bos = protocol != "dai2023"
             query_scores.append(_query_side(scores[b], n_prefix, p, bos=keep_bos).clone())
