@@ -48,6 +48,24 @@ def test_bench_ft_and_pipeline_modes_tiny():
     assert {"zsl", "icl", "ft train", "ft eval", "control ft train"} <= set(passes)
 
 
+def test_bench_a_model_directory_gemma3_past_its_window(tmp_path):
+    """--model: a saved Gemma 3 whose local layers' window (8) is far shorter than the
+    prefix; the capture path reuses the prefix cache and records what (a) records, the
+    masked scores included."""
+    from tests.models import make_hf_model, make_tokenizer
+
+    directory = tmp_path / "gemma3"
+    make_hf_model("gemma3", n_ctx=256).save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    cfg = BenchConfig(model=(str(directory),), k=3, n_queries=5, batch_size=2, repeat=1)
+    result = bench(cfg, modes=("naive", "capture", "floor"), in_process=True)
+    assert result.modes["capture"]["path"] == "cache"
+    assert result.modes["capture"]["prefix_tokens"] > 8 * 5
+    assert result.summary()["max_abs_diff"] <= 1e-4
+    with pytest.raises(ValueError, match="no such file or directory"):
+        bench(BenchConfig(model=(str(tmp_path / "nothing"),)), in_process=True)
+
+
 def test_bench_rejects_a_bad_shape():
     with pytest.raises(ValueError, match="multiple of heads"):
         bench(BenchConfig(d_model=30, n_heads=4), in_process=True)

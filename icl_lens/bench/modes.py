@@ -17,7 +17,7 @@ import contextlib
 import importlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,23 +59,29 @@ class Workload:
     queries: list[Tensor]
     demos: list[Tensor]
     training_copy: torch.nn.Module | None = None
+    bos: int = BOS
 
     @classmethod
     def load(cls, cfg: BenchConfig, modes: Sequence[str] = ()) -> Workload:
         """Build the model and prompts (and the training copy if ``modes`` need it), and
         warm up (allocator, lazy initialisation, thread pool) with one small forward."""
+        from icl_lens.data.prompts import bos_id
         from icl_lens.model.copying import copy_model
 
         model = build_model(cfg)
-        prefix, queries, demos = synthetic_icl(cfg)
+        bos = BOS
+        if cfg.model:  # random ids from the real vocabulary, after its own BOS
+            cfg = replace(cfg, d_vocab=int(model.cfg.d_vocab))
+            bos = bos_id(model.tokenizer)
+        prefix, queries, demos = synthetic_icl(cfg, bos=bos)
         with torch.no_grad():
             model(prefix[None, :16])
         copy = copy_model(model) if set(modes) & set(TRAIN_A_COPY) else None
-        return cls(cfg, model, prefix, queries, demos, copy)
+        return cls(cfg, model, prefix, queries, demos, copy, bos)
 
     @property
     def training_sequences(self) -> list[Tensor]:
-        return [torch.cat([torch.tensor([BOS]), d]) for d in self.demos]
+        return [torch.cat([torch.tensor([self.bos]), d]) for d in self.demos]
 
 
 def _labels():
@@ -95,7 +101,7 @@ def naive_records(
 ) -> tuple[dict, list[float]]:
     """(a): ``run_with_cache`` of every hook on each full prompt, one at a time, and the
     quantities ``record`` keeps, read from the cache; and each prompt's seconds."""
-    from icl_lens.model.adapter import adapt
+    from icl_lens.model.adapter import adapt, masked_as_neginf
     from icl_lens.study.predict import first_token_scores
 
     a = adapt(model)
@@ -114,6 +120,7 @@ def naive_records(
             )
             out["q"].append(torch.stack([cache[a.name(la, "q")][0, p] for la in layers]))
             scores = torch.stack([cache[a.name(la, "scores")][0, :, p] for la in layers])
+            scores = masked_as_neginf(scores)  # as record keeps them
             cols = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(n_prefix, p + 1)])
             out["query_scores"].append(scores[..., cols].float().cpu())
             out["demo_scores"].append(scores[:, :, 1:n_prefix].sum(dim=1))

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from icl_lens.bench.modes import BASE_MODES, MODES, Workload, run_once
 from icl_lens.bench.workload import BenchConfig
@@ -123,15 +124,22 @@ def memory_of(mode: str, cfg: BenchConfig, out_dir: Path) -> dict:
     }
 
 
+def _abs_diff(x: Tensor, y: Tensor) -> float:
+    """Largest difference; scores masked (-inf) in one and not the other count as inf."""
+    x_masked, y_masked = torch.isneginf(x), torch.isneginf(y)
+    if not torch.equal(x_masked, y_masked):
+        return float("inf")
+    return float((x.masked_fill(x_masked, 0) - y.masked_fill(y_masked, 0)).abs().max())
+
+
 def _max_abs_diff(a: dict, b: dict) -> tuple[float, dict]:
     """Over the queries (a) ran (all, or its sample)."""
     per = {}
     n = len(a["attn_out"])
     for key in ("attn_out", "q", "demo_scores", "class_scores"):
-        per[key] = float((a[key] - b[key][:n]).abs().max())
+        per[key] = _abs_diff(a[key], b[key][:n])
     per["query_scores"] = max(
-        float((x - y).abs().max())
-        for x, y in zip(a["query_scores"], b["query_scores"][:n], strict=True)
+        _abs_diff(x, y) for x, y in zip(a["query_scores"], b["query_scores"][:n], strict=True)
     )
     return max(per.values()), per
 
@@ -285,7 +293,8 @@ def _worker_main(argv: Sequence[str]) -> int:
     """``python -m icl_lens.bench.runner {time|memory} MODES CONFIG_JSON OUT_DIR``."""
     kind, modes, config, out = argv
     raw = json.loads(config)
-    raw["demo_len"], raw["query_len"] = tuple(raw["demo_len"]), tuple(raw["query_len"])
+    for key in ("demo_len", "query_len", "model"):
+        raw[key] = tuple(raw[key])
     cfg = replace(BenchConfig(), **raw)
     import warnings
 

@@ -1,5 +1,6 @@
-"""The benchmark's model and data: a random-init GPT-2 of any shape and seeded random
-ICL prompts of SST-2-like lengths (a demonstration 25-30 tokens, a query 20-30).
+"""The benchmark's model and data: a random-init GPT-2 of any shape (or a real model
+from a local directory, ``model=``) and seeded random ICL prompts of SST-2-like lengths
+(a demonstration 25-30 tokens, a query 20-30).
 
 >>> cfg = BenchConfig(n_layers=1, d_model=32, n_heads=4, d_vocab=100, k=2, n_queries=3)
 >>> prefix, queries, demos = synthetic_icl(cfg)
@@ -53,9 +54,16 @@ class BenchConfig:
     seed: int = 0
     naive_sample: int = 0  # 0: every query through (a); n: the first n, time extrapolated
     repeat: int = 3  # runs of every mode but (a); the fastest counts
+    model: tuple[str, ...] = ()  # a local model (directory, .gguf, or GGUF chunks in order)
 
     def check(self) -> None:
         """An early, plain error for a shape or workload that cannot run."""
+        missing = [m for m in self.model if not Path(m).exists()]
+        if missing:
+            raise ValueError(
+                f"--model {' '.join(missing)}: no such file or directory; the bench runs a "
+                "local model: a Hugging Face directory, a .gguf file, or GGUF chunks in order"
+            )
         if min(self.n_layers, self.d_model, self.n_heads, self.n_queries, self.batch_size) < 1:
             raise ValueError("layers, d-model, heads, queries and batch-size must be >= 1")
         if self.d_model % self.n_heads:
@@ -124,9 +132,12 @@ def build_hf_model(cfg: BenchConfig):
 
 
 def build_model(cfg: BenchConfig):
-    """A random-init GPT-2 of ``cfg``'s shape as a TransformerLens model (seeded)."""
+    """A random-init GPT-2 of ``cfg``'s shape as a TransformerLens model (seeded), or
+    the model in ``cfg.model``."""
     from icl_lens.model.loading import load_model
 
+    if cfg.model:
+        return load_model(cfg.model[0] if len(cfg.model) == 1 else list(cfg.model))
     hf, tokenizer = build_hf_model(cfg)
     return load_model(hf, tokenizer=tokenizer)
 
@@ -136,9 +147,10 @@ def _lengths(g: torch.Generator, n: int, bounds: tuple[int, int]) -> list[int]:
 
 
 def synthetic_icl(
-    cfg: BenchConfig,
+    cfg: BenchConfig, *, bos: int = BOS
 ) -> tuple[Int[Tensor, " prefix"], list[Int[Tensor, " query"]], list[Int[Tensor, " demo"]]]:
-    """(prefix = BOS + k demonstrations, queries, demonstrations) of random token ids."""
+    """(prefix = BOS + k demonstrations, queries, demonstrations) of random token ids
+    below ``cfg.d_vocab``."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     first = len(SPECIALS) + len(TASK_WORDS)
     demos = [
@@ -149,7 +161,7 @@ def synthetic_icl(
         torch.randint(first, cfg.d_vocab, (n,), generator=g)
         for n in _lengths(g, cfg.n_queries, cfg.query_len)
     ]
-    prefix = torch.cat([torch.tensor([BOS]), *demos]) if demos else torch.tensor([BOS])
+    prefix = torch.cat([torch.tensor([bos]), *demos]) if demos else torch.tensor([bos])
     return prefix, queries, demos
 
 

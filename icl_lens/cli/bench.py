@@ -6,11 +6,15 @@
     icl-lens bench --sweep k=4,8,16,32,64 --naive-sample 4    # a scaling table
     icl-lens bench --layers 2 --d-model 64 --heads 4 --vocab 500 -k 4 --queries 8
     icl-lens bench --sweep-cells 4      # an icl-lens sweep of 4 cells vs 4 icl-lens runs
+    icl-lens bench --model $(python -m icl_lens.model.wheels) -k 16   # a real model
 
 The model is a random-init GPT-2 (``transformers.GPT2Config``, default 12 layers,
 d_model 768, 12 heads, vocabulary 50257) loaded like any other model
 (:func:`icl_lens.load_model`); demonstrations and queries are random token ids of
-SST-2-like lengths (a demonstration 25-30 tokens, a query 20-30), seeded.
+SST-2-like lengths (a demonstration 25-30 tokens, a query 20-30), seeded. ``--model``
+benchmarks a local real model instead: a Hugging Face directory, a ``.gguf`` file, or
+GGUF chunk files in order, as ``icl-lens run --model`` takes them (float32; prompts are
+random ids from its vocabulary after its BOS).
 
 The modes:
 
@@ -87,9 +91,14 @@ def _mb(kb: float) -> str:
 def format_result(r: BenchResult) -> str:
     c, m = r.config, r.modes
     any_mode = next(iter(m.values()))
+    shape = (
+        " ".join(c.model)
+        if c.model
+        else f"random-init GPT-2, {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, "
+        f"vocab {c.d_vocab}, context {c.context}"
+    )
     lines = [
-        f"model: random-init GPT-2, {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, "
-        f"vocab {c.d_vocab}, context {c.context}; torch {torch.__version__}, "
+        f"model: {shape}; torch {torch.__version__}, "
         f"{any_mode['threads']} threads, {os.cpu_count()} CPUs; load average (1 min) "
         f"{r.load[0]:.2f} before, {r.load[1]:.2f} after",
         f"workload: k={c.k} demonstrations ({any_mode['prefix_tokens']} prefix tokens with "
@@ -202,6 +211,13 @@ def format_sweep_cost(r: dict, cfg: BenchConfig) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = BenchConfig()
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=[],
+        help="a local model instead of the random GPT-2: a Hugging Face directory, a .gguf "
+        "file, or GGUF chunk files in order",
+    )
     p.add_argument("--layers", type=int, default=d.n_layers)
     p.add_argument("--d-model", type=int, default=d.d_model)
     p.add_argument("--heads", type=int, default=d.n_heads)
@@ -265,6 +281,7 @@ def config_from_args(args) -> BenchConfig:
         seed=args.seed,
         naive_sample=args.naive_sample,
         repeat=args.repeat,
+        model=tuple(args.model),
     )
 
 
