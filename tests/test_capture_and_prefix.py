@@ -170,3 +170,31 @@ def test_unknown_capture_target_and_layer():
         Capture(adapter, what={"resid"})
     with pytest.raises(ValueError, match="out of range"):
         Capture(adapter, what={"q"}, layers=[5])
+
+
+def test_the_reuse_check_is_relative_to_each_quantity_and_reads_masks():
+    """Gemma's attention outputs reach thousands: a float32 rounding difference of 2e-3
+    there is agreement, 1e-3 on a value of order 1 is not; a score masked as -inf on
+    one line and as the dtype's minimum on the other is the same mask."""
+    adapter = il.adapt(make_model("gpt2")[0])
+    lengths = torch.tensor([3])
+    big = torch.full((1, 1, 32), 3000.0)
+    mask_min = torch.tensor([[[[0.5, torch.finfo(torch.float32).min + 1.0, 0.0]]]])
+    mask_inf = torch.tensor([[[[0.5, float("-inf"), 0.0]]]])
+    reference = prefix_module.BatchResult(
+        torch.zeros(1, 3, 8), {("attn_out", 0): big, ("scores", 0): mask_inf}, lengths
+    )
+
+    def check(attn_out, scores):
+        runner = il.PrefixRunner(adapter, torch.tensor([1]))
+        got = prefix_module.BatchResult(
+            torch.zeros(1, 3, 8), {("attn_out", 0): attn_out, ("scores", 0): scores}, lengths
+        )
+        return runner._matches(got, reference, lengths, None), runner.reason
+
+    assert check(big + 2e-3, mask_min) == (True, "")
+    with pytest.warns(RuntimeWarning, match="changed attn_out of layer 0 by 0.5"):
+        assert not check(big + 0.5, mask_min)[0]
+    unmasked = mask_inf.nan_to_num(neginf=-1.0)
+    with pytest.warns(RuntimeWarning, match="changed the attention mask of scores of layer 0"):
+        assert not check(big, unmasked)[0]
