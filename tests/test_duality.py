@@ -14,6 +14,7 @@ from tests.models import (
     make_model,
     make_tokenizer,
 )
+from tests.reference import gemma3_reference, rotary
 
 TOL = 1e-5
 HF_TWINS = {}  # arch -> the transformers model the hooked one wraps
@@ -46,66 +47,11 @@ def _ln_weights(norm):
     return weight.detach(), None if bias is None else bias.detach()
 
 
-def _rotary(x, positions, rot_dim, base):
-    """Rotate-half rotary embedding from its definition (not the model's code)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2).float() / rot_dim)
-    angles = positions[:, None].float() * inv_freq[None, :]
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    half = rot_dim // 2
-    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], -1)
-    return torch.cat([x_rot * cos[:, None] + rotated * sin[:, None], x_pass], -1)
-
-
-def _gemma_rms(x, weight, eps):
-    """Gemma's RMSNorm from its definition: x / rms(x) * (1 + w)."""
-    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * (1.0 + weight.detach())
-
-
-def gemma3_reference(hf, prompt, layer, position):
-    """(relaxed, zsl, icl, z) of every head at ``position``, from the transformers weights
-    and Gemma 3's definitions alone: RMSNorm with 1 + w, QK-norm, rotary with the layer
-    type's base, one key/value head shared by all query heads, keys j visible when
-    j <= position and, on a sliding layer, position - j < window; softmax scaled by
-    1/sqrt(query_pre_attn_scalar). Only the residual stream entering the layer comes from
-    the transformers forward."""
-    cfg = hf.config
-    with torch.no_grad():
-        hidden = hf(prompt.tokens[None], output_hidden_states=True).hidden_states
-    block = hf.model.layers[layer]
-    attn = block.self_attn
-    x = _gemma_rms(hidden[layer][0], block.input_layernorm.weight, cfg.rms_norm_eps)
-    d = cfg.head_dim
-
-    def heads(proj, n):
-        return (x @ proj.weight.detach().T).view(-1, n, d)
-
-    eps = cfg.rms_norm_eps
-    q = _gemma_rms(heads(attn.q_proj, cfg.num_attention_heads), attn.q_norm.weight, eps)
-    k = _gemma_rms(heads(attn.k_proj, cfg.num_key_value_heads), attn.k_norm.weight, eps)
-    v = heads(attn.v_proj, cfg.num_key_value_heads)
-    layer_type = cfg.layer_types[layer]
-    base = cfg.rope_parameters[layer_type]["rope_theta"]
-    pos = torch.arange(prompt.n_tokens)
-    q, k = _rotary(q, pos, d, base), _rotary(k, pos, d, base)
-    group = cfg.num_attention_heads // cfg.num_key_value_heads
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    seen = pos <= position
-    if layer_type == "sliding_attention":
-        seen &= position - pos < cfg.sliding_window
-    kq = torch.einsum("hd,phd->hp", q[position], k) * seen
-    demo = prompt.demo_mask
-    icl = torch.einsum("hp,phd->hd", kq * demo, v)
-    zsl = torch.einsum("hp,phd->hd", kq * ~demo, v)
-    scores = (kq * cfg.query_pre_attn_scalar**-0.5).masked_fill(~seen, float("-inf"))
-    z = torch.einsum("hp,phd->hd", scores.softmax(-1), v)
-    return zsl + icl, zsl, icl, z
-
-
 def independent_relaxed(model, prompt, layer, position, arch):
     """sum_j v_j (k_j . q) from the weights and the residual stream alone."""
     if arch == "gemma3":
-        return gemma3_reference(HF_TWINS[arch], prompt, layer, position)[0]
+        zsl, icl, _ = gemma3_reference(HF_TWINS[arch], prompt.tokens, prompt.demo_mask, [position])
+        return (zsl + icl)[layer, :, 0]
     adapter = il.adapt(model)
     _, cache = model.run_with_cache(prompt.tokens[None])
     resid = cache[f"blocks.{layer}.hook_resid_pre"][0].detach()
@@ -136,7 +82,7 @@ def independent_relaxed(model, prompt, layer, position, arch):
         rot_dim = round(adapter.d_head * ROTARY_FRACTION[arch])
         base = getattr(model.cfg, "rotary_base", 10000)
         pos = torch.arange(prompt.n_tokens)
-        q, k = _rotary(q, pos, rot_dim, base), _rotary(k, pos, rot_dim, base)
+        q, k = rotary(q, pos, rot_dim, base), rotary(k, pos, rot_dim, base)
     scores = torch.einsum("hd,phd->hp", q[position], k[: position + 1])
     return torch.einsum("hp,phd->hd", scores, v[: position + 1])
 
@@ -168,13 +114,12 @@ def test_gemma3_terms_and_softmax_output_against_a_from_scratch_reference(prompt
     model, hf = make_model("gemma3")
     positions = range(prompt.query_start, prompt.n_tokens)
     dec = il.decompose(model, prompt, positions=positions)
+    zsl, icl, z = gemma3_reference(hf, prompt.tokens, prompt.demo_mask, positions)
     for layer in range(hf.config.num_hidden_layers):
         for n, position in enumerate(positions):
-            relaxed, zsl, icl, z = gemma3_reference(hf, prompt, layer, position)
-            assert rel_err(dec.zsl[layer, :, n], zsl) <= TOL, (layer, position)
-            assert rel_err(dec.icl[layer, :, n], icl) <= TOL, (layer, position)
-            assert rel_err(dec.relaxed[layer, :, n], relaxed) <= TOL, (layer, position)
-            assert rel_err(dec.z[layer, :, n], z) <= TOL, (layer, position)
+            assert rel_err(dec.zsl[layer, :, n], zsl[layer, :, n]) <= TOL, (layer, position)
+            assert rel_err(dec.icl[layer, :, n], icl[layer, :, n]) <= TOL, (layer, position)
+            assert rel_err(dec.z[layer, :, n], z[layer, :, n]) <= TOL, (layer, position)
 
 
 def test_gemma3_demonstrations_outside_a_local_window_contribute_nothing(prompt):
