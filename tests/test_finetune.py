@@ -78,7 +78,7 @@ def test_select_lr_prefers_accuracy_then_the_smaller_lr_and_skips_diverged():
 # ---- what trains, and the caller's model ----------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
 def test_only_kv_parameters_change_and_the_callers_model_is_bitwise_unchanged(arch, gpt2):
     model = gpt2 if arch == "gpt2" else make_model(arch)[0]
     adapter = il.adapt(model)
@@ -113,8 +113,9 @@ def test_only_kv_parameters_change_and_the_callers_model_is_bitwise_unchanged(ar
     assert all(torch.equal(before[k], restored[k]) for k in before)
 
 
-def test_one_epoch_of_plain_sgd_in_icl_order_matches_a_hand_written_loop(gpt2):
-    model = gpt2
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_one_epoch_of_plain_sgd_in_icl_order_matches_a_hand_written_loop(arch, gpt2):
+    model = gpt2 if arch == "gpt2" else make_model(arch)[0]
     prompt = _prompt(model)
     lr = 0.3
     ft = finetune(model, prompt, lr=lr)
