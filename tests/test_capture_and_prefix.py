@@ -198,3 +198,20 @@ def test_the_reuse_check_is_relative_to_each_quantity_and_reads_masks():
     unmasked = mask_inf.nan_to_num(neginf=-1.0)
     with pytest.warns(RuntimeWarning, match="changed the attention mask of scores of layer 0"):
         assert not check(big, unmasked)[0]
+
+
+def test_inference_switches_to_eval_only_when_something_trains(monkeypatch):
+    model = make_model("gpt2")[0]
+    adapter = il.adapt(model)
+    model.train()
+    with adapter.inference():
+        assert not any(m.training for m in model.modules()) and not torch.is_grad_enabled()
+    assert all(m.training for m in model.modules())
+    model.eval()
+
+    def walk(mode=True):  # eval() and train() walk every module: not needed here
+        raise AssertionError("an eval-mode model was switched")
+
+    monkeypatch.setattr(model, "train", walk)
+    with adapter.inference():
+        assert not torch.is_grad_enabled()
