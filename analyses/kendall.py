@@ -12,10 +12,10 @@ Tau is a rank statistic: raw scores, softmax probabilities (the authors apply a 
 first) and any other strictly increasing transform give the same value. The authors'
 code uses the first 100 validation queries: ``max_queries=100`` by default.
 
-Tokens the layer cannot see (ICL score ``-inf``: masked, e.g. outside a local layer's
+Tokens the layer cannot see (score ``-inf``: masked, e.g. outside a local layer's
 sliding window; the softmax gives them no weight) are left out of both rankings: tau
-is over the demonstration tokens the layer attends to, FT's side restricted to the same
-tokens.
+is over the demonstration tokens the layer attends to on both sides (FT sees every
+training token; ICL against ICL in another order can lose different tokens).
 
 A constant vector (or one of fewer than 2 tokens) has no ranking: scipy returns NaN;
 here such (query, layer) cells are skipped explicitly, stored as NaN and counted in
@@ -52,7 +52,7 @@ import scipy.stats
 import torch
 from jaxtyping import Float
 
-from ._common import as_query_list, check_finite, check_scores, derangement, rng_for
+from ._common import as_query_list, check_scores, derangement, rng_for
 from .result import MetricResult
 
 DemoScores = (
@@ -106,7 +106,7 @@ def kendall(
                 "demonstration tokens 1:1"
             )
         check_scores(a, f"icl[{q}]")
-        check_finite(b, f"ft[{q}]")
+        check_scores(b, f"ft[{q}]")
     n = len(icl_)
 
     shuffle_ok = n >= 2 and len({a.shape for a in icl_}) == 1
@@ -131,13 +131,15 @@ def kendall(
     )
     for q in range(n):
         for layer in range(n_layers):
-            seen = np.isfinite(icl_[q][layer])  # the tokens this layer attends to
-            a = icl_[q][layer][seen]
-            obs[q, layer] = _tau_b(a, ft_[q][layer][seen])
+            a, b = icl_[q][layer], ft_[q][layer]
+            seen = np.isfinite(a) & np.isfinite(b)  # the tokens this layer sees on both sides
+            obs[q, layer] = _tau_b(a[seen], b[seen])
             if "random_uniform" in baselines:
-                base["random_uniform"][q, layer] = _tau_b(a, rng.random(a.shape))
+                base["random_uniform"][q, layer] = _tau_b(a[seen], rng.random(seen.sum()))
             if perm is not None:
-                base["shuffled_queries"][q, layer] = _tau_b(a, ft_[perm[q]][layer][seen])
+                other = ft_[perm[q]][layer]
+                both = np.isfinite(a) & np.isfinite(other)
+                base["shuffled_queries"][q, layer] = _tau_b(a[both], other[both])
 
     opts = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
     return MetricResult("kendall", "tau_b", obs, base, **opts)

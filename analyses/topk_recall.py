@@ -22,8 +22,12 @@ Variants, as the authors' two levels:
   ICL scores are ``q.k / sqrt(d_head)``, their FT scores ``(q / sqrt(d_head)).(q_t /
   sqrt(d_head))`` (their recorded query vectors are already scaled).
 
-When k is not below the number of items, both top-k sets are everything and the recall
-is 1 whatever the scores: such (query, layer) cells are NaN (skipped, counted). Ties are
+Tokens a layer did not see (``-inf`` scores: outside a local layer's sliding window, on
+either side) are left out of that (query, layer) cell: top-k, the softmax and the random
+draws are over the tokens both sides see; a demonstration none of whose tokens is seen
+is left out of the example level. When k is not below the number of items, both top-k
+sets are everything and the recall is 1 whatever the scores: such (query, layer) cells
+are NaN (skipped, counted). Ties are
 broken by position (a stable sort, as the authors' ``np.argsort``).
 
 Baselines (seeded):
@@ -49,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.special
 
-from ._common import as_query_list, check_finite, derangement, rng_for
+from ._common import as_query_list, check_scores, derangement, rng_for
 from .kendall import DemoScores
 from .result import MetricResult, VariantSet
 
@@ -76,27 +80,42 @@ def _top(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def _recall(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
-    """Per row of ``(layer, items)`` arrays: |top_k(a) & top_k(b)| / k; NaN if k >= items."""
-    if k >= a.shape[-1]:
-        return np.full(a.shape[0], np.nan)
-    ta, tb = _top(a, k), _top(b, k)
-    return (ta[:, :, None] == tb[:, None, :]).any(-1).sum(-1) / k
+    """Per row of ``(layer, items)`` arrays: |top_k(a) & top_k(b)| / k over the items
+    both sides see (finite); NaN where k is not below that number."""
+    seen = np.isfinite(a) & np.isfinite(b)
+    ta = _top(np.where(seen, a, -np.inf), k)  # unseen items rank last
+    tb = _top(np.where(seen, b, -np.inf), k)
+    out = (ta[:, :, None] == tb[:, None, :]).any(-1).sum(-1) / k
+    return np.where(k < seen.sum(-1), out, np.nan)
 
 
-def _random_recall(b: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """The authors' random baseline: k uniformly random indices, the share in top_k(b)."""
-    if k >= b.shape[-1]:
-        return np.full(b.shape[0], np.nan)
-    tb = _top(b, k)
-    idx = rng.integers(0, b.shape[-1], size=(b.shape[0], k))
-    return (idx[:, :, None] == tb[:, None, :]).any(-1).sum(-1) / k
+def _random_recall(a: np.ndarray, b: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """The authors' random baseline: k uniformly random indices among the items both
+    sides see, the share in top_k(b)."""
+    seen = np.isfinite(a) & np.isfinite(b)
+    tb = _top(np.where(seen, b, -np.inf), k)
+    if seen.all():
+        idx = rng.integers(0, b.shape[-1], size=(b.shape[0], k))
+    else:
+        idx = np.stack([np.flatnonzero(row)[rng.integers(0, max(row.sum(), 1), k)] for row in seen])
+    out = (idx[:, :, None] == tb[:, None, :]).any(-1).sum(-1) / k
+    return np.where(k < seen.sum(-1), out, np.nan)
 
 
 def _by_example(x: np.ndarray, groups: Sequence[int]) -> np.ndarray:
-    """Softmax over tokens, then the probabilities summed per group: ``(layer, n_groups)``."""
-    p = scipy.special.softmax(x, axis=-1)
-    bounds = np.cumsum([0, *groups])
-    return np.stack([p[:, s:e].sum(-1) for s, e in zip(bounds[:-1], bounds[1:], strict=True)], -1)
+    """Softmax over the seen (finite) tokens, then the probabilities summed per group:
+    ``(layer, n_groups)``; a group with no seen token is ``-inf`` (unseen)."""
+    with np.errstate(invalid="ignore"):  # a row with no seen token: NaN, masked below
+        p = scipy.special.softmax(x, axis=-1)
+    bounds = list(zip(np.cumsum([0, *groups])[:-1], np.cumsum(groups), strict=True))
+    sums = np.stack([p[:, s:e].sum(-1) for s, e in bounds], -1)
+    seen = np.stack([np.isfinite(x[:, s:e]).any(-1) for s, e in bounds], -1)
+    return np.where(seen, sums, -np.inf)
+
+
+def _both_seen(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    seen = np.isfinite(a) & np.isfinite(b)
+    return np.where(seen, a, -np.inf), np.where(seen, b, -np.inf)
 
 
 def topk_recall(
@@ -136,8 +155,8 @@ def topk_recall(
                 f"query {q}: icl {a.shape} and ft {b.shape} must both be (layer, n_demo_tokens) "
                 f"with {n_layers} layers"
             )
-        check_finite(a, f"icl[{q}]")
-        check_finite(b, f"ft[{q}]")
+        check_scores(a, f"icl[{q}]")
+        check_scores(b, f"ft[{q}]")
         if groups is not None and sum(groups) != a.shape[1]:
             raise ValueError(
                 f"query {q}: groups add up to {sum(groups)} tokens, the scores have {a.shape[1]}"
@@ -157,10 +176,11 @@ def topk_recall(
 
     levels = {"token": (k, icl_, ft_)}
     if groups is not None:
+        pairs = [_both_seen(a, b) for a, b in zip(icl_, ft_, strict=True)]
         levels["example"] = (
             k_example,
-            [_by_example(a, groups) for a in icl_],
-            [_by_example(b, groups) for b in ft_],
+            [_by_example(a, groups) for a, _ in pairs],
+            [_by_example(b, groups) for _, b in pairs],
         )
     opts = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
     out = {}
@@ -169,7 +189,9 @@ def topk_recall(
         obs = np.stack([_recall(a, b, kk) for a, b in zip(a_list, b_list, strict=True)])
         base = {}
         if "random_uniform" in baselines:
-            base["random_uniform"] = np.stack([_random_recall(b, kk, rng) for b in b_list])
+            base["random_uniform"] = np.stack(
+                [_random_recall(a, b, kk, rng) for a, b in zip(a_list, b_list, strict=True)]
+            )
         if "shuffled_queries" in baselines:
             base["shuffled_queries"] = np.stack(
                 [_recall(a, b_list[perm[q]], kk) for q, a in enumerate(a_list)]

@@ -510,8 +510,12 @@ def test_gemma3_tokens_outside_the_sliding_window_are_left_out_of_the_metrics(ta
         n_resamples=50,
         progress=False,
     )
-    overall = cmp.metrics().query("layer == -1 and head == -1 and metric != 'rec2ftp'")
-    assert np.isfinite(overall["value"]).all()
+    overall = cmp.metrics().query("layer == -1 and head == -1")
+    # top-k recall (k = 100 tokens, 5 demonstrations) is undefined with 4 shots; Rec2FTP
+    # may be on 12 queries; the test-retest ceilings compare masked scores on both sides
+    defined = overall[~overall["metric"].isin(["rec2ftp", "topk_recall"])]
+    assert {"icl_retest", "ft_retest"} <= set(defined["baseline"])
+    assert np.isfinite(defined["value"]).all()
 
     spec, tok = task.spec, model.tokenizer
     labels = label_tokens(tok, spec)

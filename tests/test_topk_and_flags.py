@@ -14,6 +14,33 @@ from icl_lens.study.lr_search import LrTrial, lr_edge_flag, next_lr, select_lr
 # ---- top-k recall ---------------------------------------------------------------------
 
 
+def test_topk_recall_leaves_out_the_tokens_a_layer_does_not_see():
+    """-inf scores (outside a local layer's window, on either side) leave tokens out of
+    that cell: the same recall as on the seen tokens alone, at both levels; a
+    demonstration with no seen token leaves the example level."""
+    rng = np.random.default_rng(6)
+    icl, ft = rng.normal(size=(1, 14)), rng.normal(size=(1, 14))
+    masked_icl, masked_ft = icl.copy(), ft.copy()
+    masked_icl[0, :3] = -np.inf  # demonstration 0 (2 tokens) and 1 token of demonstration 1
+    masked_ft[0, 13] = -np.inf  # the other side loses the last token
+    got = topk_recall([masked_icl], [masked_ft], k=4, groups=(2, 3, 3, 3, 3), k_example=2)
+    seen = topk_recall([icl[:, 3:13]], [ft[:, 3:13]], k=4, groups=(2, 3, 3, 2), k_example=2)
+    assert got.token.values[0, 0] == seen.token.values[0, 0]
+    assert got.example.values[0, 0] == seen.example.values[0, 0]
+    # k not below the seen tokens: undefined, though the row has 14 tokens
+    assert np.isnan(topk_recall([masked_icl], [masked_ft], k=10).token.values[0, 0])
+
+
+def test_topk_random_baseline_draws_among_the_seen_tokens():
+    """Its expectation is k / n over the n seen tokens (2/5 here), not k / 10."""
+    rng = np.random.default_rng(7)
+    icl, ft = rng.normal(size=(400, 1, 10)), rng.normal(size=(400, 1, 10))
+    icl[:, :, :5] = -np.inf
+    r = topk_recall(list(icl), list(ft), k=2, baselines=("random_uniform",), n_resamples=10)
+    assert np.nanmean(r.token.baseline_values["random_uniform"]) == pytest.approx(0.4, abs=0.04)
+
+
+
 def _authors_recall(icl_map, ft_map, k):
     """compute_training_example_attn.py, ``recall_topk`` for one (query, layer)."""
     ftzs_topk = np.argsort(-ft_map)[:k].tolist()
