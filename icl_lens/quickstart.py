@@ -12,6 +12,7 @@ from __future__ import annotations
 from icl_lens.data.demonstrations import sample_demonstrations
 from icl_lens.data.prompts import Prompt, task_prompt
 from icl_lens.data.tasks import Example, Task
+from icl_lens.model.adapter import adapt
 from icl_lens.model.loading import LineChoice, load_model
 
 
@@ -53,6 +54,7 @@ def icl_prompt(
     >>> len(prompt.demo_spans)
     2
     """
+    model = adapt(model).model  # a model or its adapter
     task = resolve_task(task, seed=seed)
     demos = sample_demonstrations(task, shots, seed=seed, balanced=balanced)
     if query is None:

@@ -40,7 +40,6 @@ def test_topk_random_baseline_draws_among_the_seen_tokens():
     assert np.nanmean(r.token.baseline_values["random_uniform"]) == pytest.approx(0.4, abs=0.04)
 
 
-
 def _authors_recall(icl_map, ft_map, k):
     """compute_training_example_attn.py, ``recall_topk`` for one (query, layer)."""
     ftzs_topk = np.argsort(-ft_map)[:k].tolist()

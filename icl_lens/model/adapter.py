@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -100,6 +100,11 @@ class ModelAdapter:
     n_ctx: int
     rotary: bool
     has_rot_hooks: bool
+
+    def with_model(self, model: torch.nn.Module) -> ModelAdapter:
+        """The same facts for a copy of this model (an FT or untrained copy, same
+        architecture and hooks): no second probe forward, no second set of checks."""
+        return replace(self, model=model)
 
     # ---- hook names -------------------------------------------------------------
     def name(self, layer: int, what: str) -> str:
@@ -319,7 +324,9 @@ def _hooks_that_fire(model) -> frozenset[str]:
 
 
 def adapt(model: object) -> ModelAdapter:
-    """Wrap a TransformerLens model; raise TypeError for anything else.
+    """Wrap a TransformerLens model (an adapter is returned as it is); raise TypeError
+    for anything else. Make it once and pass it down: every public icl-lens function
+    that takes a model takes its adapter too; a copy gets :meth:`ModelAdapter.with_model`.
 
     >>> adapt(object())
     Traceback (most recent call last):

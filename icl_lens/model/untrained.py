@@ -36,7 +36,7 @@ __all__ = ["untrained_copy"]
 
 def untrained_copy(model, *, seed: int = 0):
     """A deep copy of ``model`` with moment-matched Gaussian random weights (seeded)."""
-    adapt(model)  # an early, clear error for anything that is not a hooked model
+    model = adapt(model).model  # a model or its adapter; a clear error for anything else
     control = copy_model(model)
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
@@ -50,5 +50,4 @@ def untrained_copy(model, *, seed: int = 0):
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             draw = torch.randn(p.shape, generator=gen, dtype=dtype).mul_(std).add_(mean)
             p.copy_(draw.to(device=p.device, dtype=p.dtype))
-    adapt(control)
     return control

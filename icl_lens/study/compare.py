@@ -203,6 +203,7 @@ def compare(
     modes = ft_modes(ft_mode)
     grid = resolve_lr_grid(lr_grid)
     adapter = adapt(model)
+    model = adapter.model  # a model or its adapter may be passed
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError("the model has no tokenizer; load it with icl_lens.load_model")
@@ -305,7 +306,7 @@ def compare(
         )
         if ft.diverged:
             return {"diverged": True, "losses": ft.losses.tolist()}
-        rec = record(ft.model, bos, queries, labels, desc=name, **rec_opts)
+        rec = record(adapter.with_model(ft.model), bos, queries, labels, desc=name, **rec_opts)
         return {
             "diverged": False,
             "losses": ft.losses.tolist(),
@@ -315,17 +316,22 @@ def compare(
 
     def evaluate(ft_model):
         return predict_queries(
-            ft_model, bos, select_queries, labels, gold=select_gold, batch_size=batch_size
+            adapter.with_model(ft_model),
+            bos,
+            select_queries,
+            labels,
+            gold=select_gold,
+            batch_size=batch_size,
         )
 
     # ---- ZSL, ICL, ICL in another order ---------------------------------------------
     zsl = stages.records(
         "zsl",
-        lambda: record(model, bos, queries, labels, desc="zsl", **rec_opts),
+        lambda: record(adapter, bos, queries, labels, desc="zsl", **rec_opts),
         share=True,
     )
     icl = stages.records(
-        "icl", lambda: record(model, prefix, queries, labels, desc="icl", **rec_opts)
+        "icl", lambda: record(adapter, prefix, queries, labels, desc="icl", **rec_opts)
     )
     icl_tokens = token_scores(icl, columns=columns)
     if retest_order is not None:
@@ -334,7 +340,7 @@ def compare(
         )
         icl2 = stages.records(
             "icl-retest",
-            lambda: record(model, prompt2.prefix, queries, labels, desc="icl-retest", **rec_opts),
+            lambda: record(adapter, prompt2.prefix, queries, labels, desc="icl-retest", **rec_opts),
         )
         back = block_index(block_lengths(prompt), retest_order)
         icl2_tokens = token_scores(icl2)[..., back]
@@ -360,10 +366,10 @@ def compare(
     for mode in modes:
         tag = "" if mode == "standard" else f"{mode}-"
         trials: list[LrTrial] = []
-        kept = BestTrial()  # the chosen lr's finetuned copy is rebuilt, not trained again
+        kept = BestTrial(adapter)  # the chosen lr's finetuned copy is rebuilt, not trained again
 
         def trial(lr, mode=mode, kept=kept):
-            return run_trial(model, prompt, lr, evaluate, keep=kept.offer, mode=mode, **ft_opts)
+            return run_trial(adapter, prompt, lr, evaluate, keep=kept.offer, mode=mode, **ft_opts)
 
         for lr in grid:
             trials.append(
@@ -383,11 +389,11 @@ def compare(
             f"{tag}ft",
             lambda mode=mode, tag=tag, kept=kept, best=best: run_ft(
                 f"{tag}ft",
-                lambda: model,
+                lambda: adapter,
                 prompt,
                 best.lr,
                 mode,
-                reuse=lambda: kept.take(model, best.lr),
+                reuse=lambda: kept.take(adapter, best.lr),
             ),
         )
         if ft["diverged"]:  # cannot happen for a deterministic rerun of a converged trial
@@ -403,7 +409,7 @@ def compare(
             ft2 = stages.get(
                 f"{tag}ft-retest",
                 lambda mode=mode, tag=tag, best=best: run_ft(
-                    f"{tag}ft-retest", lambda: model, prompt2, best.lr, mode
+                    f"{tag}ft-retest", lambda: adapter, prompt2, best.lr, mode
                 ),
             )
             if ft2["diverged"]:
@@ -449,7 +455,9 @@ def compare(
         }
         draws_by_mode: dict[str, list] = {m: [] for m in modes}
         for i in range(n_draws):
-            untrained = functools.cache(lambda i=i: untrained_copy(model, seed=control_seed + i))
+            untrained = functools.cache(
+                lambda i=i: adapter.with_model(untrained_copy(adapter, seed=control_seed + i))
+            )
             c_tag = f"control-{i}-"
             c_zsl = stages.records(
                 c_tag + "zsl",

@@ -318,7 +318,7 @@ def decompose(
     matrices W_ZSL and dW_ICL (per position).
     """
     adapter = adapt(model)
-    check_prompts([prompt], getattr(model, "tokenizer", None))
+    check_prompts([prompt], getattr(adapter.model, "tokenizer", None))
     adapter.check_token_ids(prompt.tokens, "the prompt")
     if label_tokens is not None:
         label_tokens = _check_label_tokens(label_tokens, adapter.d_vocab)

@@ -205,8 +205,8 @@ def finetune(
     if not seqs:
         raise ValueError("finetune needs at least one demonstration")
     adapter = adapt(model)
-    ft_model = copy_model(model)
-    ft = adapt(ft_model)
+    ft_model = copy_model(adapter.model)
+    ft = adapter.with_model(ft_model)
     for p in ft_model.parameters():
         p.requires_grad_(False)
     params = [p for _, p in adapter.kv_parameters(ft_model)]

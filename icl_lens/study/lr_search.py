@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from icl_lens.model.adapter import adapt
+from icl_lens.model.adapter import ModelAdapter, adapt
 from icl_lens.model.copying import copy_model
 from icl_lens.study.finetune import FinetuneResult, finetune
 
@@ -259,7 +259,8 @@ class BestTrial:
     >>> ft = kept.take(model, select_lr(trials).lr)                     # doctest: +SKIP
     """
 
-    def __init__(self):
+    def __init__(self, adapter: ModelAdapter | None = None):
+        self._adapter = adapter  # the original model's, passed down (else adapted here)
         self._key: tuple[float, float] | None = None
         self._result: FinetuneResult | None = None
         self._kv: dict[str, Tensor] = {}
@@ -270,7 +271,7 @@ class BestTrial:
         key = (trial.accuracy, -trial.lr)
         if self._key is not None and key <= self._key:
             return
-        params = adapt(ft.model).kv_parameters(ft.model)
+        params = (self._adapter or adapt(ft.model)).kv_parameters(ft.model)
         self._kv = {name: p.detach().clone() for name, p in params}
         self._result = dataclasses.replace(ft, model=None)
         self._key = key
@@ -279,9 +280,10 @@ class BestTrial:
         """The finetuned copy of ``model`` at ``lr`` if that is the kept trial, else None."""
         if self._result is None or self._result.lr != float(lr):
             return None
-        clone = copy_model(model)
+        adapter = adapt(model)
+        clone = copy_model(adapter.model)
         with torch.no_grad():
-            for name, p in adapt(model).kv_parameters(clone):
+            for name, p in adapter.kv_parameters(clone):
                 p.copy_(self._kv[name])
         for p in clone.parameters():
             p.requires_grad_(False)

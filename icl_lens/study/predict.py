@@ -206,15 +206,16 @@ def predict(
         prompts = [prompts]
     if not prompts:
         raise ValueError("predict needs at least one prompt")
-    check_prompts(prompts, getattr(model, "tokenizer", None))
-    labels = label_tokens(model.tokenizer, spec)
+    adapter = adapt(model)
+    check_prompts(prompts, getattr(adapter.model, "tokenizer", None))
+    labels = label_tokens(adapter.model.tokenizer, spec)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(tuple(p.prefix.tolist()), []).append(i)
     scores = torch.zeros(len(prompts), labels.n_classes)
     for prefix, members in groups.items():
         out = predict_queries(
-            model,
+            adapter,
             torch.tensor(prefix, dtype=torch.long),
             [prompts[i].query_tokens for i in members],
             labels,

@@ -116,16 +116,17 @@ def attention_comparison(
     ``.view()`` draws them side by side."""
     side = torch.cat([prompt.tokens[:1], prompt.tokens[prompt.query_start :]])
     side_idx = [0, *range(prompt.query_start, prompt.n_tokens)]
-    n_heads = int(model.cfg.n_heads)
+    adapter = adapt(model)
+    n_heads = adapter.n_heads
     heads = list(range(n_heads)) if heads is None else [int(h) for h in heads]
     bad = [h for h in heads if not 0 <= h < n_heads]
     if bad:
         raise IndexError(f"heads {bad} out of range: the model has {n_heads} heads")
-    icl = query_attention(model, prompt.tokens, layers=[layer])[0]  # head pos pos
+    icl = query_attention(adapter, prompt.tokens, layers=[layer])[0]  # head pos pos
     idx = torch.tensor(side_idx)
     icl_side = icl[heads][:, idx][:, :, idx]
     demo_mass = icl[heads, -1][:, prompt.demo_mask].sum(-1)
-    patterns = {"zsl": query_attention(model, side, layers=[layer])[0][heads]}
+    patterns = {"zsl": query_attention(adapter, side, layers=[layer])[0][heads]}
     patterns["icl"] = icl_side
     if ft_model is not None:
         patterns["ft"] = query_attention(ft_model, side, layers=[layer])[0][heads]

@@ -24,6 +24,7 @@ import pandas as pd
 
 from icl_lens.analyses import FRAME_COLUMNS, with_head_labels
 from icl_lens.files import atomic_write_text
+from icl_lens.model.adapter import adapt
 from icl_lens.study.duality import decompose
 from icl_lens.study.finetune import finetune
 from icl_lens.study.predict import label_tokens as task_label_tokens
@@ -194,19 +195,20 @@ def collect_views(
     >>> len(data.meta_gradients), sorted(data.attention.patterns)
     (2, ['ft', 'icl', 'zsl'])
     """
-    auto_ids, auto_names = _label_info(model, spec)
+    adapter = adapt(model)  # once: everything below gets the adapter
+    auto_ids, auto_names = _label_info(adapter.model, spec)
     label_tokens = label_tokens if label_tokens is not None else auto_ids
     names = tuple(labels) if labels is not None else auto_names
     pair = names if names is not None and len(names) == 2 and label_tokens else None
-    dec = decompose(model, prompt, label_tokens=label_tokens)
+    dec = decompose(adapter, prompt, label_tokens=label_tokens)
     heads = top_heads(dec, k)
     mgs = [meta_gradients(dec, la, h, labels=pair) for la, h in heads]
     if ft_model is None and ft_lr is not None:
-        result = finetune(model, prompt, lr=ft_lr, record_queries=False)
+        result = finetune(adapter, prompt, lr=ft_lr, record_queries=False)
         if result.diverged:
             raise ValueError(f"finetuning at lr={ft_lr:g} diverged; pass a smaller ft_lr")
-        ft_model = result.model
-    attention = attention_comparison(model, prompt, layer=heads[0][0], ft_model=ft_model)
+        ft_model = adapter.with_model(result.model)
+    attention = attention_comparison(adapter, prompt, layer=heads[0][0], ft_model=ft_model)
     if query is None:
         tokens = list(prompt.str_tokens)[prompt.query_start :]
         query = "".join(display_tokens(tokens)).strip() if tokens else ""
