@@ -139,26 +139,30 @@ def task_table(frame: pd.DataFrame, task: str, protocols: list[str]) -> str:
 
 
 def average_table(frame: pd.DataFrame, protocols: list[str]) -> str:
+    first = protocols[0]
     lines = ["### Mean over the tasks", ""]
     lines += [
         "| metric | "
         + " | ".join(protocols)
-        + " | untrained ("
-        + protocols[0]
-        + ") | paper GPT 1.3B / 2.7B |",
-        "|---" * (len(protocols) + 3) + "|",
+        + f" | shuffled q. ({first}) | untrained ({first}) | paper GPT 1.3B / 2.7B |",
+        "|---" * (len(protocols) + 4) + "|",
     ]
+
+    def mean_over_tasks(protocol: str, metric: str, variant: str, baseline: str) -> pd.Series:
+        sub = frame[(frame["protocol"] == protocol) & (frame["metric"] == metric)]
+        return sub[(sub["variant"] == variant) & (sub["baseline"] == baseline)]
+
     for metric, variant, label in METRICS:
         cells = []
         for p in protocols:
-            sub = frame[(frame["protocol"] == p) & (frame["metric"] == metric)]
-            obs = sub[(sub["variant"] == variant) & (sub["baseline"] == "none")]
+            obs = mean_over_tasks(p, metric, variant, "none")
             cells.append(f"{_fmt(obs['mean'].mean())} ({obs['task'].nunique()} tasks)")
-        sub = frame[(frame["protocol"] == protocols[0]) & (frame["metric"] == metric)]
-        ctrl = sub[(sub["variant"] == variant) & (sub["baseline"] == "untrained_weights")]
+        null = "independent" if metric == "rec2ftp" else "shuffled_queries"
+        shuffled = mean_over_tasks(first, metric, variant, null)["mean"].mean()
+        ctrl = mean_over_tasks(first, metric, variant, "untrained_weights")["mean"].mean()
         paper = PAPER_AVERAGE.get((metric, variant), "")
         lines.append(
-            f"| {label} | " + " | ".join(cells) + f" | {_fmt(ctrl['mean'].mean())} | {paper} |"
+            f"| {label} | " + " | ".join(cells) + f" | {_fmt(shuffled)} | {_fmt(ctrl)} | {paper} |"
         )
     return "\n".join(lines)
 
