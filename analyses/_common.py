@@ -52,6 +52,26 @@ def check_scores(x: np.ndarray, name: str) -> None:
         )
 
 
+def token_baselines(
+    metric: str, icl: list[np.ndarray], baselines: Sequence[str] | None, known: Sequence[str]
+) -> tuple[Sequence[str], bool]:
+    """The baselines of a token-level metric (Kendall, top-k recall): all that apply when
+    ``baselines`` is None; and whether shuffled queries apply (>= 2 queries with the same
+    number of demonstration tokens)."""
+    shuffle_ok = len(icl) >= 2 and len({a.shape for a in icl}) == 1
+    if baselines is None:
+        baselines = known if shuffle_ok else ("random_uniform",)
+    unknown = set(baselines) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {metric} baselines {sorted(unknown)}; choose from {known}")
+    if "shuffled_queries" in baselines and not shuffle_ok:
+        raise ValueError(
+            "the shuffled_queries baseline needs >= 2 queries with the same number of "
+            "demonstration tokens"
+        )
+    return baselines, shuffle_ok
+
+
 def rng_for(seed: int, baseline: str, *extra: int) -> np.random.Generator:
     """A generator for one baseline, independent of the others for the same seed."""
     return np.random.default_rng([int(seed), _STREAM_IDS[baseline], *extra])

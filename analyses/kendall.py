@@ -52,7 +52,7 @@ import scipy.stats
 import torch
 from jaxtyping import Float
 
-from ._common import as_query_list, check_scores, derangement, rng_for
+from ._common import as_query_list, check_scores, derangement, rng_for, token_baselines
 from .result import MetricResult
 
 DemoScores = (
@@ -109,17 +109,7 @@ def kendall(
         check_scores(b, f"ft[{q}]")
     n = len(icl_)
 
-    shuffle_ok = n >= 2 and len({a.shape for a in icl_}) == 1
-    if baselines is None:
-        baselines = BASELINES if shuffle_ok else ("random_uniform",)
-    unknown = set(baselines) - set(BASELINES)
-    if unknown:
-        raise ValueError(f"unknown Kendall baselines {sorted(unknown)}; choose from {BASELINES}")
-    if "shuffled_queries" in baselines and not shuffle_ok:
-        raise ValueError(
-            "the shuffled_queries baseline needs >= 2 queries with the same number of "
-            "demonstration tokens"
-        )
+    baselines, _ = token_baselines("Kendall", icl_, baselines, BASELINES)
 
     obs = np.empty((n, n_layers))
     base = {b: np.empty((n, n_layers)) for b in baselines}

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.special
 
-from ._common import as_query_list, check_scores, derangement, rng_for
+from ._common import as_query_list, check_scores, derangement, rng_for, token_baselines
 from .kendall import DemoScores
 from .result import MetricResult, VariantSet
 
@@ -162,16 +162,7 @@ def topk_recall(
                 f"query {q}: groups add up to {sum(groups)} tokens, the scores have {a.shape[1]}"
             )
     n = len(icl_)
-    shuffle_ok = n >= 2 and len({a.shape for a in icl_}) == 1
-    if baselines is None:
-        baselines = BASELINES if shuffle_ok else ("random_uniform",)
-    unknown = set(baselines) - set(BASELINES)
-    if unknown:
-        raise ValueError(f"unknown top-k recall baselines {sorted(unknown)}; choose {BASELINES}")
-    if "shuffled_queries" in baselines and not shuffle_ok:
-        raise ValueError(
-            "the shuffled_queries baseline needs >= 2 queries with the same number of tokens"
-        )
+    baselines, shuffle_ok = token_baselines("top-k recall", icl_, baselines, BASELINES)
     perm = derangement(n, rng_for(seed, "shuffled_queries")) if shuffle_ok else None
 
     levels = {"token": (k, icl_, ft_)}
