@@ -68,6 +68,19 @@ def _spread(cmp, mode: str) -> dict:
     return (control.get("spread") or {}).get(mode) or {}
 
 
+def _header(baselines) -> list[str]:
+    """A metric table's columns: the value, its interval, each baseline, the note."""
+    return [
+        "metric",
+        "variant",
+        "value",
+        "ci_low",
+        "ci_high",
+        *(SHORT.get(b, b) for b in baselines),
+        "note",
+    ]
+
+
 def format_table(cmp, *, legend: bool = False) -> str:
     """Accuracies, then per FT mode one row per metric and variant: value, CI, every
     baseline, and a note mark; the notes (flags of the rows and of the run) below."""
@@ -87,15 +100,7 @@ def format_table(cmp, *, legend: bool = False) -> str:
         applies = set(zip(overall["metric"], overall["variant"], overall["baseline"], strict=True))
         baselines = [b for b in table.columns[3:]]
         spread = _spread(cmp, mode)
-        header = [
-            "metric",
-            "variant",
-            "value",
-            "ci_low",
-            "ci_high",
-            *(SHORT.get(b, b) for b in baselines),
-            "note",
-        ]
+        header = _header(baselines)
         rows = []
         for ((metric, variant), row), mark in zip(
             table.iterrows(), _notes(flags, notes), strict=True
@@ -131,15 +136,7 @@ def format_aggregate(table: pd.DataFrame, *, title: str) -> str:
         obs = f[f["baseline"] == "none"]
         others = [b for b in dict.fromkeys(f["baseline"]) if b != "none"]
         by = f.set_index(["metric", "variant", "baseline"])["value"]
-        header = [
-            "metric",
-            "variant",
-            "value",
-            "ci_low",
-            "ci_high",
-            *(SHORT.get(b, b) for b in others),
-            "note",
-        ]
+        header = _header(others)
         rows = []
         for (_, row), mark in zip(obs.iterrows(), _notes(obs["flag"], notes), strict=True):
             cells = [
