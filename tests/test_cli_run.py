@@ -4,19 +4,15 @@ finished stages (and with the same results), and its errors."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pandas as pd
 import pytest
 from icl_lens.analyses import FRAME_COLUMNS
 
+import icl_lens.study.pipeline as COMPARE  # noqa: N812 - the stages compare runs
 from icl_lens.cli import main
 from tests.models import make_hf_model, make_tokenizer
 from tests.test_compare import TEMPLATE, write_task
-
-COMPARE = sys.modules[
-    "icl_lens.study.compare"
-]  # the module (``icl_lens.study.compare`` is the function)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def args(files, out, *extra):
 
 
 class Spy:
-    """Wrap a function of icl_lens.study.compare and record the calls."""
+    """Wrap a function the comparison's stages call and record the calls."""
 
     def __init__(self, monkeypatch, name):
         self.calls = []

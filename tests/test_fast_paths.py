@@ -67,14 +67,13 @@ def test_compare_trains_the_chosen_lr_once(monkeypatch, tmp_path):
     from tests.test_compare import TEMPLATE, write_task
 
     compare_module = __import__("importlib").import_module("icl_lens.study.compare")
+    stages_module = __import__("importlib").import_module("icl_lens.study.pipeline")
     model, _, _ = _tiny_setup()
     spec = il.TaskSpec("two_class", TEMPLATE, (" bad", " good"), separator=" \n")
     task = load_task(write_task(tmp_path / "t.jsonl"), spec=spec)
     calls = []
-    real = compare_module.finetune
-    monkeypatch.setattr(
-        compare_module, "finetune", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    real = stages_module.finetune
+    monkeypatch.setattr(stages_module, "finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
     kw = dict(shots=4, lr_grid="1e-2,1e-1", lr_extend=0, control=False, n_resamples=10)
     cmp = compare_module.compare(model, task, retest=False, progress=False, **kw)
     assert calls == []  # the grid's trials train (in run_trial); the chosen lr is reused

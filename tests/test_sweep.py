@@ -81,7 +81,7 @@ def debug_sweep(files, tmp_path_factory):
         ({"grid": {"shot": [1, 2]}}, "grid.shot: not an `icl-lens run` option; choose from"),
         ({"grid": {"shots": [2, "x"]}}, "grid.shots = 'x': invalid int value: 'x'"),
         ({"grid": {"protocol": ["dai2023", "dai"]}}, "grid.protocol = 'dai': invalid choice"),
-        ({"run": {"lr_grid": "fast"}}, "run.lr_grid = 'fast': learning-rate grid 'fast'"),
+        ({"run": {"lr_grid": "fast"}}, "run.lr_grid = 'fast': must be 'paper', 'short'"),
         ({"run": {"out": "x"}}, "run.out: the sweep names each cell's directory"),
         ({"run": {"batch_size": [1, 2]}}, "run.batch_size: `icl-lens run` takes one value"),
         ({"run": {"control": "yes"}}, "run.control: a flag takes true or false"),

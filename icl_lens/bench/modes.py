@@ -273,21 +273,23 @@ def pipeline(model, cfg: BenchConfig, directory: Path) -> dict:
     """(f): ``compare`` on the synthetic task file, with a breakdown of its time."""
     # by module path: the package re-exports functions named like these modules
     compare_module = importlib.import_module("icl_lens.study.compare")
+    stages_module = importlib.import_module("icl_lens.study.pipeline")
+    plan_module = importlib.import_module("icl_lens.study.plan")
     finetune_module = importlib.import_module("icl_lens.study.finetune")
     untrained_module = importlib.import_module("icl_lens.model.untrained")
 
     task = write_task_file(cfg, directory)
     timer = _StageTimer()
     for module, name, label in (
-        (compare_module, "record", "record (zsl, icl, ft recordings)"),
-        (compare_module, "run_trial", "lr trial (ft train + eval)"),
-        (compare_module, "predict_queries", "ft eval (predict_queries)"),
-        (compare_module, "finetune", "ft train of the chosen lr (finetune)"),
+        (stages_module, "record", "record (zsl, icl, ft recordings)"),
+        (stages_module, "run_trial", "lr trial (ft train + eval)"),
+        (stages_module, "predict_queries", "ft eval (predict_queries)"),
+        (stages_module, "finetune", "ft train of the chosen lr (finetune)"),
         (finetune_module, "copy_model", "model copies (copy_model)"),
         (untrained_module, "copy_model", "model copies (copy_model)"),
-        (compare_module, "untrained_copy", "untrained copy"),
-        (compare_module, "measure", "metrics (measure)"),
-        (compare_module, "fingerprint_model", "model fingerprint"),
+        (stages_module, "untrained_copy", "untrained copy"),
+        (stages_module, "measure", "metrics (measure)"),
+        (plan_module, "fingerprint_model", "model fingerprint"),
         (compare_module, "load_task", "load task"),
     ):
         timer.wrap(module, name, label)

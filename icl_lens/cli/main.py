@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import re
 import sys
 import warnings
@@ -77,6 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except (UserError, OutputPathError) as err:
         print(f"icl-lens {args.command}: error: {_one_line(str(err))}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `icl-lens run ... | head`: the reader left early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
+        print(
+            f"icl-lens {args.command}: error: stopped printing, the output pipe closed (e.g. "
+            "`| head`); run it without the pipe to see everything (files already written are "
+            "complete: `icl-lens run` writes its results before it prints them)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(

@@ -25,10 +25,14 @@ import warnings
 from pathlib import Path
 
 from icl_lens.cli.out_dir import claim_output_directory
+from icl_lens.cli.study_options import add_study_options, study_settings
 from icl_lens.data.local_files import HOLDOUT_SEED, VALIDATION_FRACTION
 from icl_lens.errors import UserError
+from icl_lens.study.settings import StudySettings
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+VALIDATION_CAP = 2000
+"""Validation examples a paper task keeps (shuffled with seed 1), as the authors' code."""
 DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 DESCRIPTION = """\
@@ -99,68 +103,8 @@ def register(subparsers) -> None:
         help="share of a single task file without a split column held out for validation "
         f"(seed {HOLDOUT_SEED}; default {VALIDATION_FRACTION})",
     )
-    p.add_argument("--shots", type=int, default=32, help="demonstrations k (default 32)")
-    p.add_argument("--seed", type=int, default=1, help="demonstration seed (default 1)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument(
-        "--lr-grid", default="paper", help="'paper' (36 values), 'short' (4) or e.g. 1e-3,1e-2"
-    )
-    p.add_argument(
-        "--max-queries", type=int, default=2000, help="validation queries (default 2000)"
-    )
-    p.add_argument(
-        "--lr-extend",
-        type=int,
-        default=2,
-        help="extra learning rates tried past an edge of the grid where the best one sits "
-        "(default 2, one decade; 0: none, the run is flagged)",
-    )
-    p.add_argument(
-        "--lr-selection",
-        choices=("queries", "holdout"),
-        default="queries",
-        help="choose the FT learning rate on the measured queries (default, as the authors) "
-        "or on held-out training examples that are neither demonstrations nor measured",
-    )
-    p.add_argument(
-        "--lr-holdout",
-        type=int,
-        default=None,
-        help="size of the held-out lr-selection split (default: as many as the queries)",
-    )
-    p.add_argument(
-        "--protocol",
-        choices=("prediction", "dai2023"),
-        default="prediction",
-        help="'prediction' (default): record at the prediction position; 'dai2023': the "
-        "authors' code in each point (docs/method.md)",
-    )
-    p.add_argument(
-        "--ft-mode",
-        choices=("standard", "layer_causal", "both"),
-        default="standard",
-        help="FT as the paper (default), Deutch et al.'s layer-causal variant, or both",
-    )
-    p.add_argument(
-        "--order-seed", type=int, default=None, help="re-order the demonstrations with this seed"
-    )
-    p.add_argument("--balanced", action="store_true", help="class-balanced demonstrations")
-    p.add_argument(
-        "--kendall-queries", type=int, default=100, help="queries used by Kendall (default 100)"
-    )
-    p.add_argument("--no-control", action="store_true", help="skip the untrained-weights control")
-    p.add_argument(
-        "--control-draws",
-        type=int,
-        default=3,
-        help="random draws of the untrained-weights control (default 3)",
-    )
-    p.add_argument(
-        "--no-retest",
-        action="store_true",
-        help="skip the test-retest ceilings (ICL and FT again in another order)",
-    )
-    p.add_argument("--batch-size", type=int, default=8)
+    add_study_options(p)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     p.add_argument(
         "--device-map",
@@ -248,19 +192,14 @@ def _silence_progress() -> None:
         pass
 
 
-def check_arguments(args) -> None:
-    """Numbers that cannot work, refused before anything is loaded."""
-    for option in ("shots", "max_queries", "batch_size", "control_draws", "lr_holdout"):
-        value = getattr(args, option, None)
-        if value is not None and value < 1:
-            flag = "--" + option.replace("_", "-")
-            raise UserError(f"{flag} must be >= 1, got {value}")
-    if getattr(args, "lr_extend", 0) < 0:
-        raise UserError(f"--lr-extend must be >= 0, got {args.lr_extend}")
+def check_arguments(args) -> StudySettings:
+    """The study's settings, and the other numbers that cannot work, refused before
+    anything is loaded (``UserError`` naming the option)."""
     if not 0 < args.validation_fraction < 1:
         raise UserError(
             f"--validation-fraction must be between 0 and 1, got {args.validation_fraction}"
         )
+    return study_settings(args)
 
 
 def _label_words_flag(match: re.Match) -> str:
@@ -304,12 +243,12 @@ def run(args, *, model=None) -> int:
     """Check the arguments and the output directory, then run with ``--out`` locked.
     ``model``: the model ``args.model`` names, already loaded by :func:`load_run_model`
     (a sweep worker reuses it across cells)."""
-    check_arguments(args)
+    settings = check_arguments(args)
     with claim_output_directory(args.out):
-        return _run(args, model)
+        return _run(args, settings, model)
 
 
-def _run(args, model=None) -> int:
+def _run(args, settings: StudySettings, model=None) -> int:
     from icl_lens.cli.tables import format_table
     from icl_lens.data.task_sources import TaskLoadError, load_task
     from icl_lens.study.compare import compare
@@ -325,7 +264,9 @@ def _run(args, model=None) -> int:
             args.task,
             template=args.template,
             label_words=words,
-            validation_limit=args.max_queries,
+            # the authors' cap: compare measures the first max_queries of them, and the
+            # dai2023 protocol sizes the context over them all
+            validation_limit=max(VALIDATION_CAP, args.max_queries),
             validation_fraction=args.validation_fraction,
             source=args.data_source,
         )
@@ -343,21 +284,7 @@ def _run(args, model=None) -> int:
             cmp = compare(
                 model,
                 task,
-                shots=args.shots,
-                seed=args.seed,
-                order_seed=args.order_seed,
-                balanced=args.balanced,
-                lr_grid=args.lr_grid,
-                lr_extend=args.lr_extend,
-                lr_selection=args.lr_selection,
-                lr_holdout=args.lr_holdout,
-                protocol=args.protocol,
-                ft_mode=args.ft_mode,
-                kendall_queries=args.kendall_queries,
-                retest=not args.no_retest,
-                control=not args.no_control,
-                n_draws=args.control_draws,
-                batch_size=args.batch_size,
+                settings,
                 checkpoint_dir=args.out / "checkpoints",
                 progress=not args.quiet,
             )
