@@ -23,6 +23,7 @@ from icl_lens.study.lr_search import search_lr
 from icl_lens.study.predict import Predictions, predict
 from icl_lens.study.records import Records, record
 from icl_lens.study.runs import ComparisonSet, compare_runs
+from icl_lens.study.settings import SettingsError, StudySettings
 from icl_lens.views.report import write_report
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "PrefixRunner",
     "Prompt",
     "Records",
+    "SettingsError",
+    "StudySettings",
     "Task",
     "TaskSpec",
     "adapt",
