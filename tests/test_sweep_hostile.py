@@ -98,7 +98,7 @@ def test_a_rewritten_task_file_is_refused_then_recomputed_when_asked(inputs, tmp
     assert run_debug(grid, out).already_done == 2  # unchanged inputs: reused
 
 
-def test_a_replaced_model_directory_is_refused(inputs, tmp_path):
+def test_a_replaced_model_directory_is_refused(inputs, tmp_path, capsys):
     model, _ = inputs
     out = tmp_path / "out"
     grid = grid_of(inputs, {"seed": [1]})
@@ -110,6 +110,10 @@ def test_a_replaced_model_directory_is_refused(inputs, tmp_path):
     save_model(model, "llama")  # GPT-2 -> Llama at the same path
     with pytest.raises(GridError, match=rf"the model's files \({model}\) changed"):
         run_debug(grid_of(inputs, {"seed": [1, 2]}), out)
+    path = write_grid(tmp_path / "grid.toml", {"run": grid.run, "grid": grid.grid})
+    assert main(["sweep", str(path), "--out", str(out), "--dry-run"]) == 0
+    line = f"changed  {out / 'cells' / grid.cells[0].name}  (the model's files ({model}) changed)"
+    assert line in capsys.readouterr().out
     assert not (out / "cells").joinpath(grid_of(inputs, {"seed": [1, 2]}).cells[1].name).exists()
 
 
@@ -190,14 +194,22 @@ def test_a_foreign_aggregate_is_rebuilt_and_render_refuses_it_naming_the_file(in
     assert "1 cells, 1 done" in (tmp_path / "p.html").read_text()
 
 
-@pytest.mark.parametrize("name", ["sweep.json", "failures.json"])
-def test_report_names_a_damaged_json_file(inputs, tmp_path, capsys, name):
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("sweep.json", "is not valid JSON"),
+        ("failures.json", "is not valid JSON"),
+        ("cells/*/results.json", "is not a readable icl-lens result"),
+        ("cells/*/values.npz", "is not readable per-query values"),
+    ],
+)
+def test_report_names_a_damaged_file(inputs, tmp_path, capsys, name, says):
     out = tmp_path / "out"
     run_debug(grid_of(inputs, {"seed": [1]}), out)
-    (out / name).write_text("{not json")
+    (path,) = out.glob(name)
+    path.write_text("{not json")
     assert main(["report", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and f"{out / name} is not valid JSON" in err
+    assert f"{path} {says}" in one_line_error(capsys)
 
 
 # ---- 7. grids: conflicts, aliases, duplicates, size ---------------------------------------

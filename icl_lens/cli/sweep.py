@@ -81,6 +81,7 @@ def main(args) -> int:
         raise UserError("icl-lens sweep needs submitit: pip install 'icl-lens[sweep]'") from None
     from icl_lens.cli.out_dir import check_output_directory
     from icl_lens.sweep.grid import MAX_CELLS, Grid, GridError
+    from icl_lens.sweep.inputs import cell_inputs, changed_cells
     from icl_lens.sweep.launch import sweep
     from icl_lens.sweep.status import cell_directory, cell_state
 
@@ -92,9 +93,11 @@ def main(args) -> int:
     except GridError as err:
         raise UserError(f"{args.grid}: {err}") from None
     if args.dry_run:
+        changed, _ = changed_cells(grid, args.out, cell_inputs(grid, args.out, save=False))
         for cell in grid.cells:
-            state = cell_state(cell_directory(args.out, cell))
-            print(f"{state:8} {args.out / 'cells' / cell.name}")
+            state = "changed" if cell.id in changed else cell_state(cell_directory(args.out, cell))
+            why = f"  ({'; '.join(changed[cell.id])} changed)" if cell.id in changed else ""
+            print(f"{state:8} {args.out / 'cells' / cell.name}{why}")
         print(f"{len(grid.cells)} cells; nothing submitted (--dry-run)")
         return 0
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))

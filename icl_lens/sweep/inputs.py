@@ -109,9 +109,10 @@ def _read_cache(root: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def cell_inputs(grid: Grid, root: Path) -> dict[str, dict[str, str | None]]:
+def cell_inputs(grid: Grid, root: Path, *, save: bool = True) -> dict[str, dict[str, str | None]]:
     """Cell id -> ``{"task": fingerprint, "model": identity}`` now: each distinct model
-    hashed once (or read from ``root/inputs.json``), each distinct task loaded once."""
+    hashed once (or read from ``root/inputs.json``, which ``save`` updates), each
+    distinct task loaded once."""
     if grid.cells and not grid.task_fingerprints:
         grid.check(check_tasks=True)
     cache = _read_cache(root)
@@ -122,7 +123,7 @@ def cell_inputs(grid: Grid, root: Path) -> dict[str, dict[str, str | None]]:
         if key not in models:
             models[key] = model_identity(cell.settings, cache)
         out[cell.id] = {"task": grid.task_fingerprints.get(cell.id), "model": models[key]}
-    if cache:
+    if cache and save:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / INPUTS_FILE, json.dumps(cache, indent=1) + "\n")
     return out
@@ -158,7 +159,7 @@ def changed_cells(
             what.append(f"the task's data ({cell.settings.get('task')})")
         if recorded.get("model") and now["model"] and recorded["model"] != now["model"]:
             what.append(f"the model's files ({_shown(cell.settings.get('model'))})")
-        elif not recorded.get("model") and status.get("state") == "done":
+        elif not recorded.get("model") and now["model"] and status.get("state") == "done":
             unchecked.append(cell)
         if what:
             changed[cell.id] = what

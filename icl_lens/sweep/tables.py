@@ -13,10 +13,11 @@ differ only in those seeds (:func:`icl_lens.analyses.aggregate_runs`), and an in
 ``ci_low`` / ``ci_high`` over demonstration sets, orders, then queries
 (:func:`seed_intervals`, from each cell's ``values.npz``).
 
-Both tables carry, in their Parquet metadata, the cells they were built from (id, and
-size and time of its ``results.json``) and the grid keys: :func:`tables_current` tells
-whether they still match the sweep directory, and :func:`current_tables` rebuilds them
-when not (``icl-lens report`` does, so its page never shows a stale aggregate).
+Both tables carry, in their Parquet metadata, the grid keys and the cells they were
+built from (id, sizes and times of its ``results.json`` and ``values.npz``):
+:func:`tables_current` tells whether they still match the sweep directory, and
+:func:`current_tables` rebuilds them when not (``icl-lens report`` does, so its page
+never shows a stale aggregate).
 
 >>> frame = summary_frame(root, grid.cells)                   # doctest: +SKIP
 >>> aggregate_frame(root, frame, list(grid.grid)).head()      # doctest: +SKIP
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,11 +69,14 @@ def _done(root: str | Path, cells: Sequence[Cell]) -> list[Cell]:
 
 def cells_stamp(root: str | Path, cells: Sequence[Cell]) -> dict[str, Any]:
     """What the tables of ``cells`` are built from: the grid keys, and each done cell's
-    id with the size and time of its ``results.json``."""
+    id with the sizes and times of its ``results.json`` and ``values.npz``."""
     done = []
     for cell in _done(root, cells):
-        stat = (cell_directory(root, cell) / "results.json").stat()
-        done.append([cell.id, stat.st_size, stat.st_mtime_ns])
+        entry = [cell.id]
+        for name in ("results.json", "values.npz"):  # values.npz: the intervals
+            path = cell_directory(root, cell) / name
+            entry += [path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else [0, 0]
+        done.append(entry)
     return {"keys": list(cells[0].grid) if cells else [], "cells": done}
 
 
@@ -85,10 +90,7 @@ def summary_frame(root: str | Path, cells: Sequence[Cell]) -> pd.DataFrame:
         try:
             comparison = Comparison.from_json(path)
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"{path} is not a readable icl-lens result ({err}); delete it and run the "
-                "sweep again to recompute the cell"
-            ) from err
+            raise ValueError(f"{path} is not a readable icl-lens result ({err}); {RERUN}") from err
         parts.append(comparison.labelled_frame(labels))
     if not parts:
         return pd.DataFrame(columns=["cell", *keys, *FRAME_COLUMNS])
@@ -99,10 +101,21 @@ def summary_frame(root: str | Path, cells: Sequence[Cell]) -> pd.DataFrame:
     return summary
 
 
+RERUN = (
+    "delete that cell's results.json and run the same sweep command again (it reruns "
+    "from its checkpoints)"
+)
+
+
 def _cell_values(root: Path, cell_id: str) -> dict | None:
     """A cell's per-query values (``values.npz`` written by ``icl-lens run``), or None."""
     found = sorted((root / "cells").glob(f"*-{cell_id}/values.npz"))
-    return Comparison.load_values(found[0]) if found else None
+    if not found:
+        return None
+    try:
+        return Comparison.load_values(found[0])
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{found[0]} is not readable per-query values ({err}); {RERUN}") from err
 
 
 def seed_intervals(
