@@ -89,9 +89,8 @@ def hold_worker(root: Path, job_id: str | None) -> Iterator[None]:
 def _running_workers(root: Path) -> list[str]:
     found = []
     for path in sorted((root / WORKER_LOCKS).glob("*.lock")):
-        if _free(path):
-            path.unlink(missing_ok=True)  # its worker is gone
-            continue
+        if _free(path):  # its worker is gone (the file stays: unlinking it could race
+            continue  # a worker that has opened it and is about to lock it)
         try:
             info = json.loads(path.with_suffix(".json").read_text())
             job = f", job {info['job_id']}" if info.get("job_id") else ""
