@@ -242,13 +242,6 @@ def test_a_failing_cell_is_recorded_and_the_others_go_on(files, tmp_path, capsys
     assert read_status(Path(failures[0]["directory"]))["attempt"] == 2
 
 
-def test_a_sweep_whose_jobs_still_run_is_refused(files, tmp_path):
-    record = {"executor": "local", "jobs": [{"job_id": str(os.getpid()), "cells": []}]}
-    (tmp_path / "jobs.json").write_text(json.dumps(record))
-    with pytest.raises(GridError, match=f"jobs {os.getpid()} of an earlier sweep"):
-        sweep(Grid.from_dict(grid_dict(files)), tmp_path, executor="local", log=None)
-
-
 # ---- local workers: preempted and requeued, killed and rerun ------------------------------
 
 

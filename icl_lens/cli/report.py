@@ -8,7 +8,6 @@ for a sweep directory (the paper's table across its cells).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,15 +30,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_sweep_report(args: argparse.Namespace) -> Path:
-    """A sweep directory: its tables (rebuilt from the cells if missing), then its page."""
-    from icl_lens.sweep.grid import Cell
-    from icl_lens.sweep.tables import write_tables
+    """A sweep directory: its tables, rebuilt from the cells there unless they were built
+    from exactly those cells, then its page."""
+    from icl_lens.sweep.tables import current_tables
     from icl_lens.views.sweep_report import write_sweep_report
 
     root = Path(args.dir)
-    if not (root / "aggregate.parquet").exists():
-        grid = json.loads((root / "sweep.json").read_text())
-        write_tables(root, [Cell.from_dict(c) for c in grid["cells"]])
+    current_tables(root)
     return write_sweep_report(root, args.out, title=args.title)
 
 

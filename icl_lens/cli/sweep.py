@@ -54,6 +54,20 @@ def register(subparsers) -> None:
         "split between them by model, each model loaded once per worker",
     )
     p.add_argument(
+        "--max-cells",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run a grid of up to N cells (default 1000: a larger grid is refused, as a "
+        "mistyped axis can mean a million cells; give its cell count to confirm it)",
+    )
+    p.add_argument(
+        "--recompute-changed",
+        action="store_true",
+        help="cells computed with other task data or model files than now are refused; "
+        "with this flag they are recomputed (their old directories move to DIR/replaced/)",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="check the grid and list its cells; run nothing"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -65,18 +79,25 @@ def main(args) -> int:
         import submitit  # noqa: F401
     except ImportError:
         raise UserError("icl-lens sweep needs submitit: pip install 'icl-lens[sweep]'") from None
-    from icl_lens.sweep.grid import Grid, GridError
+    from icl_lens.cli.out_dir import check_output_directory
+    from icl_lens.sweep.grid import MAX_CELLS, Grid, GridError
+    from icl_lens.sweep.inputs import cell_inputs, changed_cells
     from icl_lens.sweep.launch import sweep
-    from icl_lens.sweep.worker import cell_directory, read_status
+    from icl_lens.sweep.status import cell_directory, cell_state
 
+    check_output_directory(args.out)
+    if args.max_cells is not None and args.max_cells < 1:
+        raise UserError(f"--max-cells must be >= 1, got {args.max_cells}")
     try:
-        grid = Grid.from_toml(args.grid)
+        grid = Grid.from_toml(args.grid, max_cells=args.max_cells or MAX_CELLS)
     except GridError as err:
         raise UserError(f"{args.grid}: {err}") from None
     if args.dry_run:
+        changed, _ = changed_cells(grid, args.out, cell_inputs(grid, args.out, save=False))
         for cell in grid.cells:
-            state = read_status(cell_directory(args.out, cell))["state"]
-            print(f"{state:8} {args.out / 'cells' / cell.name}")
+            state = "changed" if cell.id in changed else cell_state(cell_directory(args.out, cell))
+            why = f"  ({'; '.join(changed[cell.id])} changed)" if cell.id in changed else ""
+            print(f"{state:8} {args.out / 'cells' / cell.name}{why}")
         print(f"{len(grid.cells)} cells; nothing submitted (--dry-run)")
         return 0
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -88,6 +109,7 @@ def main(args) -> int:
             max_parallel=args.max_parallel,
             quiet=args.quiet,
             log=log,
+            recompute_changed=args.recompute_changed,
         )
     except GridError as err:
         raise UserError(str(err)) from None

@@ -20,6 +20,11 @@ demonstrations drawn. Any error names the key (``grid.shots``, ``run.task``, ...
 A cell's id is a hash of the settings written for it (not of defaults), so adding a value
 to an axis leaves the other cells' ids, and their finished directories, as they were.
 
+Refused before any cell is built: a key given twice (``max_queries`` and
+``max-queries``, or ``[run] no_control`` with ``[grid] control``: one option), a value
+listed twice in an axis (``seed = [1, "1"]``: both are ``--seed 1``), and a grid of more
+than ``max_cells`` cells (:data:`MAX_CELLS` unless the caller raises it).
+
 >>> grid = Grid.from_dict({"run": {"model": "gpt2", "task": "sst2"}, "grid": {"seed": [1, 2]}})
 >>> [c.grid for c in grid.cells]
 [{'seed': 1}, {'seed': 2}]
@@ -33,25 +38,30 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SEED_KEYS", "Cell", "Grid", "GridError", "run_parser"]
+__all__ = ["MAX_CELLS", "SEED_KEYS", "Cell", "Grid", "GridError", "run_parser"]
+
+MAX_CELLS = 1000
+"""Largest grid built without the caller's confirmation (``icl-lens sweep --max-cells``):
+the paper's study is 72 cells and the real study 30 (about 4 minutes each on Gemma 3
+270M), so 1000 cells are days of compute; a mistyped axis can mean a million."""
 
 SEED_KEYS = ("seed", "order_seed")
 """Grid keys that draw demonstration sets and orders: aggregates average over them."""
 SECTIONS = ("run", "grid", "slurm", "local")
+LOAD_KEYS = ("data_source", "validation_fraction")
+"""Keys that change where and how a task is loaded, named when it cannot be."""
 OWNED = {
     "out": "the sweep names each cell's directory",
     "quiet": "give `icl-lens sweep --quiet` instead",
     "help": "not a setting",
 }
-SLURM_GENERIC = ("timeout_min", "mem_gb", "gpus_per_node", "cpus_per_task", "name")
-LOCAL_KEYS = ("timeout_min", "signal_delay_s", "gpus_per_node", "visible_gpus", "max_num_timeout")
-ONE_TASK = ("nodes", "tasks_per_node", "ntasks_per_node")
 
 
 class GridError(ValueError):
@@ -116,10 +126,8 @@ class Cell:
                 args += [flag] if value else []
             elif action.nargs in ("+", "*"):
                 args += [flag, *(str(v) for v in ([value] if isinstance(value, str) else value))]
-            elif isinstance(value, dict):
-                args += [flag, json.dumps(value)]
-            else:
-                args += [flag, str(value)]
+            else:  # --flag=value: a value such as "-1e-2" is not read as an option
+                args.append(f"{flag}={json.dumps(value) if isinstance(value, dict) else value}")
         return ["run", *args, "--out", str(out)]
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +164,12 @@ def _check_value(where: str, key: str, value: Any, options) -> None:
         many = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
         if not (isinstance(value, str) or many):
             raise GridError(f"{where}.{key}: a string or a list of strings, got {value!r}")
+        dashed = [v for v in ([value] if isinstance(value, str) else value) if v[:1] == "-"]
+        if dashed:
+            raise GridError(
+                f"{where}.{key} = {dashed[0]!r}: `icl-lens run` would read a value starting "
+                "with '-' as an option; give a path as ./" + dashed[0]
+            )
     elif isinstance(value, list):
         raise GridError(
             f"{where}.{key}: `icl-lens run` takes one value here; a list of values to try is "
@@ -175,8 +189,14 @@ class Grid:
     local: dict[str, Any] = field(default_factory=dict)
     cells: list[Cell] = field(default_factory=list)
 
+    task_fingerprints: dict[str, str] = field(default_factory=dict, repr=False)
+    """Cell id -> :func:`~icl_lens.study.checkpoint.fingerprint_task` of its task, loaded
+    as the cell loads it (filled by :meth:`check` with ``check_tasks``)."""
+
     @classmethod
-    def from_toml(cls, path: str | Path, *, check_tasks: bool = True) -> Grid:
+    def from_toml(
+        cls, path: str | Path, *, check_tasks: bool = True, max_cells: int = MAX_CELLS
+    ) -> Grid:
         """Read and check ``path``; :class:`GridError` names the first bad key."""
         try:
             import tomllib
@@ -187,13 +207,23 @@ class Grid:
         if not path.is_file():
             raise GridError(f"no grid file at {path}")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise GridError(
+                f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
+            ) from None
+        except OSError as err:
+            raise GridError(f"cannot read {path}: {err.strerror or err}") from None
         except tomllib.TOMLDecodeError as err:
             raise GridError(f"{path} is not valid TOML: {err}") from None
-        return cls.from_dict(data, check_tasks=check_tasks)
+        return cls.from_dict(data, check_tasks=check_tasks, max_cells=max_cells)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, check_tasks: bool = False) -> Grid:
+    def from_dict(
+        cls, data: Mapping[str, Any], *, check_tasks: bool = False, max_cells: int = MAX_CELLS
+    ) -> Grid:
+        from icl_lens.sweep.executors import executor_table
+
         unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
             raise GridError(
@@ -203,8 +233,8 @@ class Grid:
             if not isinstance(data.get(name, {}), Mapping):
                 raise GridError(f"[{name}] must be a table")
         options = _options(run_parser())
-        run = {_canonical(k): v for k, v in data.get("run", {}).items()}
-        axes = {_canonical(k): v for k, v in data.get("grid", {}).items()}
+        run = _canonical_table("run", data.get("run", {}))
+        axes = _canonical_table("grid", data.get("grid", {}))
         for where, table in (("run", run), ("grid", axes)):
             for key in table:
                 if key in OWNED:
@@ -212,17 +242,24 @@ class Grid:
         for key, values in axes.items():
             if not isinstance(values, list) or not values:
                 raise GridError(f"grid.{key}: a non-empty list of values, got {values!r}")
-            if key in run:
-                raise GridError(f"grid.{key}: also set in [run]; give it in one place")
             for value in values:
                 _check_value("grid", key, value, options)
+            _refuse_repeated_values(key, values, options)
         for key, value in run.items():
             _check_value("run", key, value, options)
+        _refuse_one_option_twice(run, axes, options)
+        n_cells = math.prod(len(v) for v in axes.values())
+        if n_cells > max_cells:
+            sizes = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
+            raise GridError(
+                f"the grid has {n_cells:,} cells ({sizes}), more than {max_cells:,}; check "
+                f"the axes, or confirm with --max-cells {n_cells}"
+            )
         grid = cls(
             run=run,
             grid=axes,
-            slurm=_executor_table("slurm", data.get("slurm", {})),
-            local=_executor_table("local", data.get("local", {})),
+            slurm=executor_table("slurm", data.get("slurm", {})),
+            local=executor_table("local", data.get("local", {})),
         )
         combos = [dict(zip(axes, c, strict=True)) for c in itertools.product(*axes.values())]
         grid.cells = [Cell({**run, **combo}, combo) for combo in combos]
@@ -239,7 +276,7 @@ class Grid:
             dest, _ = _dest(key, None, options)
             for flag in options[dest].option_strings:
                 flag_to_key[flag] = key
-        tasks: dict[str, Any] = {}
+        tasks: dict[str, tuple[Any, str]] = {}
         for cell in self.cells:
             try:
                 args = parser.parse_args(cell.argv("OUT", options)[1:])
@@ -267,27 +304,46 @@ class Grid:
         return f"{self._where(key)} = {value!r}: {found.group(2)}"
 
     def _check_task(self, args, cell: Cell, tasks: dict) -> None:
+        """Load the cell's task exactly as its ``icl-lens run`` will (each distinct one
+        once), record its fingerprint, draw the cell's demonstrations and their order."""
+        import numpy as np
+
         from icl_lens.data.demonstrations import sample_demonstrations
         from icl_lens.data.task_sources import TaskLoadError, load_task
+        from icl_lens.study.checkpoint import fingerprint_task
 
         words = None
         if args.label_words:
             words = [w if w[:1].isspace() else " " + w for w in args.label_words]
-        key = json.dumps([args.task, args.template, words, args.max_queries])
+        how = {
+            "template": args.template,
+            "label_words": words,
+            "validation_limit": args.max_queries,
+            "validation_fraction": args.validation_fraction,
+            "source": args.data_source,
+        }
+        key = json.dumps([args.task, how], sort_keys=True)
         if key not in tasks:
             try:
-                tasks[key] = load_task(
-                    args.task,
-                    template=args.template,
-                    label_words=words,
-                    validation_limit=args.max_queries,
-                )
-            except (TaskLoadError, ValueError, FileNotFoundError, KeyError) as err:
+                task = load_task(args.task, **how)
+            except (TaskLoadError, ValueError, FileNotFoundError, KeyError, OSError) as err:
+                given = [k for k in LOAD_KEYS if k in cell.settings]
+                also = ", ".join(f"{self._where(k)} = {cell.settings[k]!r}" for k in given)
                 raise GridError(
-                    f"{self._where('task')} = {args.task!r}: cannot load the task: {err}"
+                    f"{self._where('task')} = {args.task!r}: cannot load the task"
+                    f"{f' ({also})' if also else ''}: {_cli_wording(str(err))}"
                 ) from None
+            tasks[key] = (task, fingerprint_task(task))
+        task, self.task_fingerprints[cell.id] = tasks[key]
+        for name in SEED_KEYS:  # a seed numpy refuses is that key's fault, not the shots'
+            value = getattr(args, name)
+            try:
+                if value is not None:
+                    np.random.default_rng(value)
+            except (ValueError, TypeError) as err:
+                raise GridError(f"{self._where(name)} = {value!r}: {err} (a seed >= 0)") from None
         try:
-            sample_demonstrations(tasks[key], args.shots, seed=args.seed, balanced=args.balanced)
+            sample_demonstrations(task, args.shots, seed=args.seed, balanced=args.balanced)
         except ValueError as err:
             where = self._where("shots") if "shots" in cell.settings else "run.shots (default)"
             raise GridError(f"{where} = {args.shots}: {err} (cell {cell.name})") from None
@@ -320,25 +376,66 @@ def _check_run_values(args) -> None:
         raise GridError(f"argument --lr-grid: {err}") from None
 
 
-def _executor_table(name: str, table: Mapping[str, Any]) -> dict[str, Any]:
-    """The [slurm] / [local] table, its keys checked against what submitit takes."""
-    if name == "local" or not table:
-        known = set(LOCAL_KEYS)
-    else:
-        import submitit
-
-        known = (
-            set(SLURM_GENERIC) | submitit.SlurmExecutor._valid_parameters() | {"max_num_timeout"}
-        )
-    out = {}
+def _canonical_table(where: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    """``table`` with ``-`` spelled ``_``; one key written both ways is refused."""
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in table.items():
-        bare = key.removeprefix(f"{name}_")
-        if bare in ONE_TASK and value != 1:
+        name = _canonical(key)
+        if name in out:
             raise GridError(
-                f"{name}.{key}: a sweep worker is one task on one node; use --max-parallel "
-                "to run cells side by side"
+                f"{where}.{spelled[name]} and {where}.{key} are the same option; keep one"
             )
-        if bare not in known:
-            raise GridError(f"{name}.{key}: submitit does not know it; choose from {sorted(known)}")
-        out[bare] = value
+        out[name], spelled[name] = value, key
     return out
+
+
+def _refuse_one_option_twice(run: Mapping[str, Any], axes: Mapping[str, Any], options) -> None:
+    """Two keys that set one ``icl-lens run`` option (``control`` / ``no_control``, or a
+    key in both [run] and [grid]) are refused: which one wins would be a guess."""
+    seen: dict[str, str] = {}
+    for where, table in (("run", run), ("grid", axes)):
+        for key in table:
+            dest, _ = _dest(key, None, options)
+            if dest in seen:
+                flag = max(options[dest].option_strings, key=len)
+                raise GridError(
+                    f"{seen[dest]} and {where}.{key} both set {flag}; give it in one place"
+                )
+            seen[dest] = f"{where}.{key}"
+
+
+def _as_run_reads_it(value: Any, action: argparse.Action) -> Any:
+    """``value`` as ``icl-lens run`` receives it (``1`` and ``"1"`` are both ``--seed 1``)."""
+    if action.nargs == 0:
+        return bool(value)
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    if callable(action.type):
+        try:
+            return action.type(str(value))
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            return str(value)  # argparse refuses it later, naming the key
+    return str(value)
+
+
+def _refuse_repeated_values(key: str, values: list[Any], options) -> None:
+    dest, _ = _dest(key, None, options)
+    seen: dict[Any, Any] = {}
+    for value in values:
+        read = _as_run_reads_it(value, options[dest])
+        if read in seen:
+            same = f"{seen[read]!r} and {value!r} are" if seen[read] != value else f"{value!r} is"
+            raise GridError(
+                f"grid.{key} lists one value twice ({same} the same `icl-lens run` setting); "
+                "list each value once"
+            )
+        seen[read] = value
+
+
+def _cli_wording(message: str) -> str:
+    from icl_lens.cli.run import cli_wording
+
+    return cli_wording(message)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,29 +27,46 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from icl_lens.errors import UserError
 from icl_lens.files import atomic_write_text
-from icl_lens.sweep.grid import SLURM_GENERIC, Cell, Grid, GridError
+from icl_lens.sweep.executors import (
+    EXECUTORS,
+    LOCAL_TIMEOUT_MIN,
+    make_executor,
+    require_executor,
+    timeout_note,
+)
+from icl_lens.sweep.grid import Cell, Grid, GridError
+from icl_lens.sweep.guard import active_jobs, hold_sweep
+from icl_lens.sweep.inputs import cell_inputs, changed_cells, record_unchecked, set_aside
+from icl_lens.sweep.status import cell_directory, is_done, read_status
 from icl_lens.sweep.tables import write_tables
-from icl_lens.sweep.worker import SweepWorker, cell_directory, read_status
+from icl_lens.sweep.worker import SweepWorker
 
-__all__ = ["EXECUTORS", "SweepResult", "active_jobs", "make_executor", "plan_jobs", "sweep"]
+__all__ = [
+    "EXECUTORS",
+    "LOCAL_TIMEOUT_MIN",
+    "SweepResult",
+    "active_jobs",
+    "make_executor",
+    "plan_jobs",
+    "sweep",
+]
 
-EXECUTORS = ("debug", "local", "slurm")
-LOCAL_TIMEOUT_MIN = 7 * 24 * 60
-"""submitit's LocalExecutor times a job out after 2 minutes unless told otherwise."""
 POLL_S = {"debug": 0.0, "local": 0.5, "slurm": 20.0}
-ACTIVE_SLURM = {"RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING"}
 
 
 @dataclass
 class SweepResult:
     """What a sweep left: the cells done (ids), those that failed (failures.json entries),
-    how many were done before it started, and the tables."""
+    how many were done before it started, the cells recomputed because their inputs
+    changed (names), and the tables."""
 
     directory: Path
     done: list[str] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     already_done: int = 0
+    recomputed: list[str] = field(default_factory=list)
     tables: tuple[Path, Path] | None = None
 
 
@@ -75,85 +91,6 @@ def plan_jobs(cells: Sequence[Cell], n_jobs: int) -> list[list[Cell]]:
     return [ordered[i : i + size] for i in range(0, len(ordered), size)] if size else []
 
 
-def make_executor(kind: str, folder: Path, grid: Grid, max_parallel: int | None):
-    """A submitit executor of ``kind`` writing its logs under ``folder``: ``debug`` and
-    ``local`` are submitit's DebugExecutor and LocalExecutor (with the grid's [local]
-    table), ``slurm`` its AutoExecutor on SLURM (with the [slurm] table: the generic
-    names timeout_min, mem_gb, gpus_per_node, cpus_per_task, name, and SLURM's own)."""
-    import submitit
-
-    if kind not in EXECUTORS:
-        raise GridError(f"unknown executor {kind!r}; choose from {', '.join(EXECUTORS)}")
-    if kind == "debug":
-        return submitit.DebugExecutor(folder)
-    table = dict(grid.local if kind == "local" else grid.slurm)
-    retries = table.pop("max_num_timeout", 3)
-    params: dict[str, Any] = {"name": "icl-lens-sweep", "stderr_to_stdout": True}
-    if kind == "local":
-        executor = submitit.LocalExecutor(folder, max_num_timeout=retries)
-        params |= {"timeout_min": LOCAL_TIMEOUT_MIN, **_local_gpus(), **table}
-    else:
-        executor = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=retries)
-        params["slurm_stderr_to_stdout"] = params.pop("stderr_to_stdout")
-        for key, value in table.items():
-            params[key if key in SLURM_GENERIC else f"slurm_{key}"] = value
-        if max_parallel:
-            params["slurm_array_parallelism"] = max_parallel
-    executor.update_parameters(**params)
-    return executor
-
-
-def _local_gpus() -> dict[str, Any]:
-    """Local workers see the GPUs this process sees: submitit's LocalExecutor sets
-    ``CUDA_VISIBLE_DEVICES`` to its first ``gpus_per_node`` devices (none by default)."""
-    import torch
-
-    n = torch.cuda.device_count()
-    if not n:
-        return {}
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    ids = [int(x) for x in visible.split(",") if x.strip().isdigit()]
-    out: dict[str, Any] = {"gpus_per_node": n}
-    if len(ids) == n:
-        out["visible_gpus"] = tuple(ids)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def active_jobs(root: str | Path) -> list[str]:
-    """Jobs of an earlier sweep of ``root`` that still run (from ``DIR/jobs.json``): a
-    local job's process alive, a SLURM job pending or running."""
-    path = Path(root) / "jobs.json"
-    if not path.exists():
-        return []
-    record = json.loads(path.read_text())
-    active = []
-    for job in record.get("jobs", []):
-        job_id = str(job["job_id"])
-        if record.get("executor") == "local":
-            if job_id.isdigit() and _alive(int(job_id)):
-                active.append(job_id)
-        elif record.get("executor") == "slurm":
-            import submitit
-
-            try:
-                state = submitit.SlurmJob(Path(root) / "logs", job_id).state
-            except Exception:  # no SLURM here (a copied directory): nothing can still run
-                continue
-            if state.split()[0] in ACTIVE_SLURM:
-                active.append(job_id)
-    return active
-
-
 def _log_path(job) -> str | None:
     try:
         return str(job.paths.stdout)
@@ -161,15 +98,19 @@ def _log_path(job) -> str | None:
         return None
 
 
-def _failure(cell: Cell, root: Path, status: dict, job=None) -> dict[str, Any]:
+def _failure(cell: Cell, root: Path, status: dict, job=None, timed_out: str = "") -> dict:
     error = status.get("error")
     if error is None:
         reason = "was never started" if status["state"] == "pending" else "stopped mid-run"
+        if status["state"] == "done":
+            reason = "is marked done but its results.json is missing"
         detail = ""
         if job is not None:
             exc = job.exception()
             detail = f": {' '.join(str(exc).strip().splitlines()[:2])}" if exc else ""
         error = f"the cell {reason}: its job ended{detail}"
+        if timed_out:
+            error += f"; {timed_out}"
     return {
         "cell": cell.id,
         "name": cell.name,
@@ -183,6 +124,44 @@ def _failure(cell: Cell, root: Path, status: dict, job=None) -> dict[str, Any]:
     }
 
 
+def _changed_message(root: Path, grid: Grid, changed: dict[str, list[str]]) -> str:
+    names = [c.name for c in grid.cells if c.id in changed]
+    what = sorted({w for ws in changed.values() for w in ws})
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"{len(names)} cells under {root} were computed with other inputs than now "
+        f"({'; '.join(what)} changed): {shown}; rerun with --recompute-changed to recompute "
+        f"them (their directories move to {root / 'replaced'}), or restore the inputs"
+    )
+
+
+def _prepare(grid: Grid, root: Path, recompute_changed: bool, say) -> tuple[list[str], dict]:
+    """Refuse (or set aside, when asked) cells computed with other inputs; returns the
+    names of the cells set aside and every cell's inputs now."""
+    inputs = cell_inputs(grid, root)
+    changed, unchecked = changed_cells(grid, root, inputs)
+    moved = []
+    if changed and not recompute_changed:
+        raise GridError(_changed_message(root, grid, changed))
+    if changed:
+        cells = [c for c in grid.cells if c.id in changed]
+        set_aside(root, cells)
+        moved = [c.name for c in cells]
+        say(
+            f"recomputing {len(cells)} cells whose inputs changed (old directories kept in "
+            f"{root / 'replaced'}): "
+            + ", ".join(f"{c.name} ({'; '.join(changed[c.id])})" for c in cells)
+        )
+    if unchecked:
+        say(
+            f"warning: {len(unchecked)} done cells recorded no model identity (run before "
+            "icl-lens recorded one): their task data is checked, their model files cannot "
+            "be; recorded now, so that a later change is caught"
+        )
+        record_unchecked(root, unchecked, inputs)
+    return moved, inputs
+
+
 def sweep(
     grid: Grid,
     out: str | Path,
@@ -191,72 +170,119 @@ def sweep(
     max_parallel: int | None = None,
     quiet: bool = False,
     log: Callable[[str], None] | None = print,
+    recompute_changed: bool = False,
 ) -> SweepResult:
     """Run every cell of ``grid`` that is not done under ``out`` and write the tables.
 
-    A rerun skips done cells and resumes the others from their checkpoints. Cells that
-    fail are listed in ``out/failures.json`` (and :attr:`SweepResult.failed`).
+    A rerun skips done cells and resumes the others from their checkpoints. Cells done
+    with other task data or model files than now are refused, or with
+    ``recompute_changed`` set aside and run again. Cells that fail are listed in
+    ``out/failures.json`` (and :attr:`SweepResult.failed`).
     """
+    from icl_lens.cli.out_dir import check_output_directory
+
     root = Path(out)
     if max_parallel is not None and max_parallel < 1:
         raise GridError(f"--max-parallel must be >= 1, got {max_parallel}")
-    running = active_jobs(root)
-    if running:
-        raise GridError(
-            f"jobs {', '.join(running)} of an earlier sweep of {root} are still running: once "
-            "they end (or are cancelled), run the same command again"
-        )
+    require_executor(executor)
+    try:
+        check_output_directory(root)
+    except UserError as err:
+        raise GridError(str(err)) from None
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "sweep.json", json.dumps(grid.to_dict(), indent=2) + "\n")
-    statuses = {c.id: read_status(cell_directory(root, c)) for c in grid.cells}
-    todo = [c for c in grid.cells if statuses[c.id]["state"] != "done"]
-    result = SweepResult(root, already_done=len(grid.cells) - len(todo))
     say = log or (lambda _: None)
-    say(
-        f"{len(grid.cells)} cells: {result.already_done} done already, {len(todo)} to run "
-        f"({executor} executor); logs in {root / 'logs'}"
-    )
-    job_of: dict[str, Any] = {}
-    if todo:
-        n_jobs = max_parallel or (len(todo) if executor == "slurm" else 1)
-        plan = plan_jobs(todo, n_jobs)
-        ex = make_executor(executor, root / "logs", grid, max_parallel)
-        with ex.batch():
-            jobs = [
-                ex.submit(SweepWorker(), str(root), [c.to_dict() for c in cells], quiet)
-                for cells in plan
-            ]
-        for job, cells in zip(jobs, plan, strict=True):
-            job_of |= {c.id: job for c in cells}
-        record = {
-            "executor": executor,
-            "jobs": [
-                {"job_id": str(j.job_id), "cells": [c.id for c in cells]}
-                for j, cells in zip(jobs, plan, strict=True)
-            ],
-        }
-        atomic_write_text(root / "jobs.json", json.dumps(record, indent=2) + "\n")
-        _follow(root, todo, jobs, executor, quiet, say)
-    for cell in grid.cells:
-        status = read_status(cell_directory(root, cell))
-        if status["state"] == "done":
-            result.done.append(cell.id)
-        else:
-            result.failed.append(_failure(cell, root, status, job_of.get(cell.id)))
-    atomic_write_text(root / "failures.json", json.dumps(result.failed, indent=2) + "\n")
-    result.tables = write_tables(root, grid.cells)
+    with hold_sweep(root):
+        running = active_jobs(root, command=False)
+        if running:
+            raise GridError(
+                f"{', '.join(running)} of an earlier sweep of {root} still running: once it "
+                "ends (or is stopped), run the same command again"
+            )
+        moved, inputs = _prepare(grid, root, recompute_changed, say)
+        atomic_write_text(root / "sweep.json", json.dumps(grid.to_dict(), indent=2) + "\n")
+        todo = [c for c in grid.cells if not is_done(cell_directory(root, c))]
+        result = SweepResult(root, already_done=len(grid.cells) - len(todo), recomputed=moved)
+        say(
+            f"{len(grid.cells)} cells: {result.already_done} done already, {len(todo)} to "
+            f"run ({executor} executor); logs in {root / 'logs'}"
+        )
+        job_of: dict[str, Any] = {}
+        timed_out: dict[str, str] = {}
+        if todo:
+            job_of, timed_out = _submit(
+                grid, root, todo, inputs, executor, max_parallel, quiet, say
+            )
+        for cell in grid.cells:
+            directory = cell_directory(root, cell)
+            if is_done(directory):
+                result.done.append(cell.id)
+            else:
+                job = job_of.get(cell.id)
+                note = timed_out.get(str(job.job_id), "") if job is not None else ""
+                result.failed.append(_failure(cell, root, read_status(directory), job, note))
+        atomic_write_text(root / "failures.json", json.dumps(result.failed, indent=2) + "\n")
+        result.tables = write_tables(root, grid.cells)
     return result
 
 
-def _follow(root: Path, cells: list[Cell], jobs: list, executor: str, quiet: bool, say) -> None:
-    """Wait for ``jobs``, reporting each cell as it finishes."""
+def _submit(grid, root, todo, inputs, executor, max_parallel, quiet, say):
+    """Submit ``todo`` to workers, record the jobs, follow them; returns the job of each
+    cell and, per job that ran out its time limit, what to say about it."""
+    n_jobs = max_parallel or (len(todo) if executor == "slurm" else 1)
+    plan = plan_jobs(todo, n_jobs)
+    ex = make_executor(executor, root / "logs", grid, max_parallel)
+    with ex.batch():
+        jobs = [
+            ex.submit(
+                SweepWorker(),
+                str(root),
+                [c.to_dict() | {"inputs": inputs[c.id]} for c in cells],
+                quiet,
+            )
+            for cells in plan
+        ]
+    submitted = time.time()
+    job_of = {c.id: job for job, cells in zip(jobs, plan, strict=True) for c in cells}
+    record = {
+        "executor": executor,
+        "jobs": [
+            {"job_id": str(j.job_id), "cells": [c.id for c in cells]}
+            for j, cells in zip(jobs, plan, strict=True)
+        ],
+    }
+    atomic_write_text(root / "jobs.json", json.dumps(record, indent=2) + "\n")
+    ended = _follow(root, todo, jobs, executor, quiet, say)
+    timed_out = {}
+    if executor != "debug":
+        table = grid.local if executor == "local" else grid.slurm
+        limit = 60 * table.get("timeout_min", LOCAL_TIMEOUT_MIN if executor == "local" else 1e9)
+        for job in jobs:
+            log = _log_text(job)
+            ran = ended.get(str(job.job_id), time.time()) - submitted
+            if "timed-out" in log or ran >= limit:
+                timed_out[str(job.job_id)] = timeout_note(executor, grid)
+    return job_of, timed_out
+
+
+def _log_text(job) -> str:
+    path = _log_path(job)
+    try:
+        return Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        return ""
+
+
+def _follow(root: Path, cells: list[Cell], jobs: list, executor: str, quiet: bool, say) -> dict:
+    """Wait for ``jobs``, reporting each cell as it finishes; returns when each job was
+    first seen finished (job id -> time)."""
     left = {c.id: c for c in cells}
+    ended: dict[str, float] = {}
     bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=quiet)
 
     def report() -> None:
         for cell_id, cell in list(left.items()):
             status = read_status(cell_directory(root, cell))
-            if status["state"] in ("done", "failed"):
+            if status["state"] == "failed" or is_done(cell_directory(root, cell), status):
                 left.pop(cell_id)
                 bar.update(1)
                 line = f"{status['state']}: {cell.name}"
@@ -272,10 +298,16 @@ def _follow(root: Path, cells: list[Cell], jobs: list, executor: str, quiet: boo
             for job in jobs:  # runs here, now
                 job.result()
                 report()
-        while not all(job.done() for job in jobs):
+        while True:
+            for job in jobs:
+                if str(job.job_id) not in ended and job.done():
+                    ended[str(job.job_id)] = time.time()
+            if len(ended) == len(jobs):
+                break
             report()
             time.sleep(POLL_S[executor])
         report()
+        return ended
     except KeyboardInterrupt:
         if executor == "local":
             for job in jobs:

@@ -13,6 +13,12 @@ differ only in those seeds (:func:`icl_lens.analyses.aggregate_runs`), and an in
 ``ci_low`` / ``ci_high`` over demonstration sets, orders, then queries
 (:func:`seed_intervals`, from each cell's ``values.npz``).
 
+Both tables carry, in their Parquet metadata, the grid keys and the cells they were
+built from (id, sizes and times of its ``results.json`` and ``values.npz``):
+:func:`tables_current` tells whether they still match the sweep directory, and
+:func:`current_tables` rebuilds them when not (``icl-lens report`` does, so its page
+never shows a stale aggregate).
+
 >>> frame = summary_frame(root, grid.cells)                   # doctest: +SKIP
 >>> aggregate_frame(root, frame, list(grid.grid)).head()      # doctest: +SKIP
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,13 +39,18 @@ from icl_lens.analyses import FRAME_COLUMNS, aggregate_runs, hierarchical_table
 from icl_lens.files import atomic_write_bytes
 from icl_lens.study.comparison import ACCURACY, Comparison
 from icl_lens.sweep.grid import SEED_KEYS, Cell
+from icl_lens.sweep.status import cell_directory, is_done
+from icl_lens.views.sweep_report import TABLE_CELLS_KEY, read_sweep, table_cells
 
 __all__ = [
     "ACCURACY",
     "ROW_KEYS",
     "aggregate_frame",
+    "cells_stamp",
+    "current_tables",
     "seed_intervals",
     "summary_frame",
+    "tables_current",
     "write_tables",
 ]
 
@@ -51,16 +63,35 @@ def _label(value: Any) -> Any:
     return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
 
 
+def _done(root: str | Path, cells: Sequence[Cell]) -> list[Cell]:
+    return [c for c in cells if is_done(cell_directory(root, c))]
+
+
+def cells_stamp(root: str | Path, cells: Sequence[Cell]) -> dict[str, Any]:
+    """What the tables of ``cells`` are built from: the grid keys, and each done cell's
+    id with the sizes and times of its ``results.json`` and ``values.npz``."""
+    done = []
+    for cell in _done(root, cells):
+        entry = [cell.id]
+        for name in ("results.json", "values.npz"):  # values.npz: the intervals
+            path = cell_directory(root, cell) / name
+            entry += [path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else [0, 0]
+        done.append(entry)
+    return {"keys": list(cells[0].grid) if cells else [], "cells": done}
+
+
 def summary_frame(root: str | Path, cells: Sequence[Cell]) -> pd.DataFrame:
-    """Every finished cell's rows (cells without ``results.json`` are left out)."""
+    """Every done cell's rows (status done and ``results.json`` there)."""
     keys = list(cells[0].grid) if cells else []
     parts = []
-    for cell in cells:
-        path = Path(root) / "cells" / cell.name / "results.json"
-        if not path.exists():
-            continue
+    for cell in _done(root, cells):
+        path = cell_directory(root, cell) / "results.json"
         labels = {"cell": cell.id, **{k: _label(cell.grid[k]) for k in keys}}
-        parts.append(Comparison.from_json(path).labelled_frame(labels))
+        try:
+            comparison = Comparison.from_json(path)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not a readable icl-lens result ({err}); {RERUN}") from err
+        parts.append(comparison.labelled_frame(labels))
     if not parts:
         return pd.DataFrame(columns=["cell", *keys, *FRAME_COLUMNS])
     summary = pd.concat(parts, ignore_index=True)
@@ -70,10 +101,21 @@ def summary_frame(root: str | Path, cells: Sequence[Cell]) -> pd.DataFrame:
     return summary
 
 
+RERUN = (
+    "delete that cell's results.json and run the same sweep command again (it reruns "
+    "from its checkpoints)"
+)
+
+
 def _cell_values(root: Path, cell_id: str) -> dict | None:
     """A cell's per-query values (``values.npz`` written by ``icl-lens run``), or None."""
     found = sorted((root / "cells").glob(f"*-{cell_id}/values.npz"))
-    return Comparison.load_values(found[0]) if found else None
+    if not found:
+        return None
+    try:
+        return Comparison.load_values(found[0])
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{found[0]} is not readable per-query values ({err}); {RERUN}") from err
 
 
 def seed_intervals(
@@ -146,19 +188,41 @@ def aggregate_frame(root: str | Path, summary: pd.DataFrame, grid_keys: Sequence
     return agg[columns]
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path) -> Path:
+def _write_parquet(frame: pd.DataFrame, path: Path, stamp: dict[str, Any]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = {**(table.schema.metadata or {}), TABLE_CELLS_KEY: json.dumps(stamp).encode()}
     buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
+    pq.write_table(table.replace_schema_metadata(meta), buffer)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_tables(root: str | Path, cells: Sequence[Cell]) -> tuple[Path, Path]:
-    """Write ``root/summary.parquet`` and ``root/aggregate.parquet``."""
+    """Write ``root/summary.parquet`` and ``root/aggregate.parquet`` from the done cells."""
     root = Path(root)
+    cells = list({c.id: c for c in cells}.values())  # a cell listed twice counts once
+    stamp = cells_stamp(root, cells)
     summary = summary_frame(root, cells)
-    keys = list(cells[0].grid) if cells else []
-    aggregate = aggregate_frame(root, summary, keys)
+    aggregate = aggregate_frame(root, summary, stamp["keys"])
     return (
-        _write_parquet(summary, root / "summary.parquet"),
-        _write_parquet(aggregate, root / "aggregate.parquet"),
+        _write_parquet(summary, root / "summary.parquet", stamp),
+        _write_parquet(aggregate, root / "aggregate.parquet", stamp),
     )
+
+
+def tables_current(root: str | Path, cells: Sequence[Cell]) -> bool:
+    """Whether both tables were built from exactly the cells done now."""
+    stamp = cells_stamp(root, cells)
+    names = ("summary.parquet", "aggregate.parquet")
+    return all(table_cells(Path(root) / name) == stamp for name in names)
+
+
+def current_tables(root: str | Path) -> tuple[Path, Path]:
+    """The sweep's tables, rebuilt from its cells unless they are current."""
+    root = Path(root)
+    cells = [Cell.from_dict(c) for c in read_sweep(root)["cells"]]
+    if tables_current(root, cells):
+        return root / "summary.parquet", root / "aggregate.parquet"
+    return write_tables(root, cells)

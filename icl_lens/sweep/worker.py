@@ -3,8 +3,12 @@
 Each cell is an ordinary ``icl-lens run`` directory (``DIR/cells/<name>``), run by
 ``icl-lens run``'s own parser and function, so it resumes from its checkpoints like any
 run. Next to its results the worker keeps ``sweep-cell.json``: ``state`` (running, done
-or failed), the attempt, the job, and the error of a failed cell. A cell already done
-is skipped; a failing cell is recorded and the worker goes on with the next.
+or failed), the attempt, the job, the inputs it ran on (:mod:`icl_lens.sweep.inputs`)
+and the error of a failed cell. A cell is done when its status says so and its
+``results.json`` is there (:func:`is_done`): done cells are skipped, a cell whose
+results went missing runs again; a failing cell is recorded and the worker goes on with
+the next. While it runs, the worker holds a lock under ``DIR/locks`` (the sweep's
+guard, :mod:`icl_lens.sweep.guard`, sees it however the worker was started).
 
 Cells that name the same model (and device, dtype, placement) reuse one loaded model:
 the sweep hands a worker its cells sorted by model, so each is loaded once per worker.
@@ -26,33 +30,36 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 import submitit
 
-from icl_lens.files import atomic_write_text
 from icl_lens.sweep.grid import Cell, _options, run_parser
+from icl_lens.sweep.guard import hold_worker
+from icl_lens.sweep.status import (
+    STATUS_FILE,
+    cell_directory,
+    cell_state,
+    is_done,
+    read_status,
+    write_status,
+)
 
-__all__ = ["STATUS_FILE", "SweepWorker", "cell_directory", "read_status"]
-
-STATUS_FILE = "sweep-cell.json"
-
-
-def cell_directory(root: str | Path, cell: Cell) -> Path:
-    return Path(root) / "cells" / cell.name
-
-
-def read_status(directory: str | Path) -> dict[str, Any]:
-    """A cell's ``sweep-cell.json`` (``{"state": "pending"}`` before its first start)."""
-    path = Path(directory) / STATUS_FILE
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {"state": "pending"}
+__all__ = [
+    "STATUS_FILE",
+    "SweepWorker",
+    "cell_directory",
+    "cell_state",
+    "is_done",
+    "read_status",
+    "write_status",
+]
 
 
-def _write_status(directory: Path, status: dict[str, Any]) -> None:
-    atomic_write_text(directory / STATUS_FILE, json.dumps(status, indent=2) + "\n")
+TIMED_OUT = (
+    "the job reached its time limit (timeout_min of the grid's [local] or [slurm] table) "
+    "once more than max_num_timeout allows requeueing it; raise timeout_min or "
+    "max_num_timeout and run the same command again: the cell resumes from its checkpoints"
+)
 
 
 def _job_id() -> str | None:
@@ -101,21 +108,26 @@ class SweepWorker(submitit.helpers.Checkpointable):
         options = _options(parser)
         models = _Models()
         outcomes = []
-        for i, data in enumerate(cells, 1):
-            cell = Cell.from_dict(data)
-            outcomes.append(self.run_cell(Path(root), cell, parser, options, models, quiet))
-            state = outcomes[-1]["state"]
-            print(f"[sweep] {i}/{len(cells)} {cell.name}: {state}", flush=True)
+        with hold_worker(Path(root), _job_id()):
+            for i, data in enumerate(cells, 1):
+                cell = Cell.from_dict(data)
+                outcome = self.run_cell(
+                    Path(root), cell, parser, options, models, quiet, data.get("inputs")
+                )
+                outcomes.append(outcome)
+                print(f"[sweep] {i}/{len(cells)} {cell.name}: {outcome['state']}", flush=True)
         return outcomes
 
     @staticmethod
-    def run_cell(root: Path, cell: Cell, parser, options, models: _Models, quiet: bool) -> dict:
+    def run_cell(
+        root: Path, cell: Cell, parser, options, models: _Models, quiet: bool, inputs=None
+    ) -> dict:
         from icl_lens.cli import run as run_cli
 
         directory = cell_directory(root, cell)
         status = read_status(directory)
         outcome = {"cell": cell.id, "name": cell.name, "state": "done", "error": None}
-        if status["state"] == "done" and (directory / "results.json").exists():
+        if is_done(directory, status):
             return outcome | {"skipped": True}
         directory.mkdir(parents=True, exist_ok=True)
         finished = len(list((directory / "checkpoints").glob("*.pt")))
@@ -128,8 +140,9 @@ class SweepWorker(submitit.helpers.Checkpointable):
             "host": socket.gethostname(),
             "started": time.time(),
             "resumed_stages": finished,
+            "inputs": inputs or status.get("inputs"),
         }
-        _write_status(directory, status)
+        write_status(directory, status)
         print(
             f"[sweep] {cell.name}: attempt {status['attempt']}"
             + (f", resuming from {finished} finished stages" if finished else ""),
@@ -142,14 +155,17 @@ class SweepWorker(submitit.helpers.Checkpointable):
             if code:
                 raise RuntimeError(f"icl-lens run exited with {code}")
         except Exception as err:  # recorded; the next cell goes on (SystemExit passes)
+            timed_out = isinstance(err, submitit.core.utils.UncompletedJobError)
             status |= {
                 "state": "failed",
                 "finished": time.time(),
-                "error": f"{type(err).__name__}: {err}",
+                "error": TIMED_OUT if timed_out else f"{type(err).__name__}: {err}",
                 "traceback": traceback.format_exc()[-4000:],
             }
-            _write_status(directory, status)
+            write_status(directory, status)
             print(f"[sweep] {cell.name}: failed: {status['error']}", file=sys.stderr, flush=True)
+            if timed_out:  # submitit ends the job: its time is up
+                raise
             return outcome | {"state": "failed", "error": status["error"]}
-        _write_status(directory, status | {"state": "done", "finished": time.time()})
+        write_status(directory, status | {"state": "done", "finished": time.time()})
         return outcome

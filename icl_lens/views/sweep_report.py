@@ -11,7 +11,9 @@ untrained control dashed.
 
 It reads only the sweep's files (``aggregate.parquet``, ``sweep.json``,
 ``failures.json``) and renders ``sweep_report.html.j2`` (autoescaped) with matplotlib
-figures inlined as SVG (:mod:`icl_lens.views.figures`).
+figures inlined as SVG (:mod:`icl_lens.views.figures`). Its counts come from the cells
+the aggregate was built from (recorded in the table's metadata): ``icl-lens report``
+rebuilds a table that no longer matches the cells on disk before it renders the page.
 
 >>> write_sweep_report("runs/study")          # -> runs/study/report.html  # doctest: +SKIP
 """
@@ -34,14 +36,20 @@ from icl_lens.views.page import fmt, render
 from icl_lens.views.report import _package_version
 
 __all__ = [
+    "TABLE_CELLS_KEY",
     "COLUMNS",
     "CURVES",
     "by_ft_mode",
     "paper_table",
     "plot_layers_across",
+    "read_sweep",
     "render_sweep_report",
+    "table_cells",
     "write_sweep_report",
 ]
+
+TABLE_CELLS_KEY = b"icl_lens_cells"
+"""Parquet metadata of a sweep table: the grid keys and the cells it was built from."""
 
 COLUMNS = [  # (title, metric, variant, control baseline)
     ("ZSL acc.", "accuracy", "zsl", None),
@@ -168,21 +176,80 @@ def plot_layers_across(aggregate: pd.DataFrame, keys: list[str]) -> Figure | Non
     return fig
 
 
+def _read_json(path: Path, what: str, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): {fix}") from err
+    except OSError as err:
+        raise ValueError(f"cannot read {path} ({err.strerror or err}): {fix}") from err
+
+
+def read_sweep(directory: str | os.PathLike) -> dict[str, Any]:
+    """``DIR/sweep.json``; a damaged one is refused naming the file and the fix."""
+    path = Path(directory) / "sweep.json"
+    fix = "run `icl-lens sweep` with the grid file again to rewrite it"
+    data = _read_json(path, "sweep", fix)
+    cells = data.get("cells") if isinstance(data, dict) else None
+    if not isinstance(cells, list) or not all(
+        isinstance(c, dict) and {"settings", "grid"} <= set(c) for c in cells
+    ):
+        raise ValueError(f"{path} has no list of cells with settings and grid: {fix}")
+    return data
+
+
+def table_cells(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The grid keys and cells a sweep table was built from (its Parquet metadata);
+    None for a missing, unreadable or foreign table."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[TABLE_CELLS_KEY])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+AGGREGATE_COLUMNS = ["metric", "variant", "baseline", "layer", "head", "mean", "std", "n"]
+
+
 def render_sweep_report(directory: str | os.PathLike, *, title: str | None = None) -> str:
     """The HTML of a sweep directory's page (needs ``aggregate.parquet``)."""
     root = Path(directory)
     path = root / "aggregate.parquet"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `icl-lens sweep` on {root} first")
-    grid = json.loads((root / "sweep.json").read_text())
-    aggregate = pd.read_parquet(path)
+    grid = read_sweep(root)
+    built = table_cells(path)
+    try:
+        aggregate = pd.read_parquet(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable Parquet table ({err})") from err
+    missing = [c for c in [*AGGREGATE_COLUMNS, "ci_low", "ci_high"] if c not in aggregate]
+    if missing or built is None:
+        what = f"lacks the columns {missing}" if missing else "does not say which cells it holds"
+        raise ValueError(
+            f"{path} {what}: not a table of this sweep; `icl-lens report {root}` rebuilds it "
+            "from the cells"
+        )
+    done = {cell_id for cell_id, *_ in built["cells"]}
     failures_path = root / "failures.json"
-    failures = json.loads(failures_path.read_text()) if failures_path.exists() else []
+    failures = []
+    if failures_path.exists():
+        failures = _read_json(failures_path, "failures", "delete it; the next sweep rewrites it")
+        ids = {c.get("id") for c in grid["cells"]}
+        failures = [
+            f
+            for f in (failures if isinstance(failures, list) else [])
+            if isinstance(f, dict)
+            and f.get("cell", f.get("name")) not in done
+            and (f.get("cell") is None or f.get("cell") in ids)
+        ]
     keys = [k for k in grid.get("grid", {}) if k not in SEEDS]
     seeds = [k for k in grid.get("grid", {}) if k in SEEDS]
     aggregate, keys = by_ft_mode(aggregate, keys)
     figure = plot_layers_across(aggregate, keys)
-    n_cells = len(grid.get("cells", []))
+    n_cells = len({c.get("id", i) for i, c in enumerate(grid["cells"])})
     pending = not len(aggregate) or bool(aggregate["ci_low"].isna().all())
     grid_rows = [(f"run.{k}", json.dumps(v)) for k, v in grid.get("run", {}).items()]
     grid_rows += [(f"grid.{k}", json.dumps(v)) for k, v in grid.get("grid", {}).items()]
@@ -192,7 +259,8 @@ def render_sweep_report(directory: str | os.PathLike, *, title: str | None = Non
             title=title or f"icl-lens sweep: {root.resolve().name}",
             source=str(root),
             n_cells=n_cells,
-            n_done=n_cells - len(failures),
+            n_done=len(done),
+            n_unfinished=n_cells - len(done) - len(failures),
             failures=failures,
             seed_text=" and ".join(seeds) if seeds else "cells (the grid has no seed axis)",
             keys=keys,
