@@ -90,9 +90,8 @@ def test_a_rewritten_task_file_is_refused_then_recomputed_when_asked(inputs, tmp
     assert kept.name.startswith(seed1.name) and (kept / "results.json").exists()
     config = json.loads((out / "cells" / seed1.name / "checkpoints" / "config.json").read_text())
     assert config["task"] == grid.task_fingerprints[seed1.id]
-    assert config["task"] == fingerprint_task(
-        load_task(task, template=TEMPLATE, validation_limit=6)
-    )
+    # the run loads the authors' 2000 validation examples and measures max_queries of them
+    assert config["task"] == fingerprint_task(load_task(task, template=TEMPLATE))
     after = zsl(out)
     assert after[1] == pytest.approx(1 - before)  # the flipped labels: every answer flips
     assert run_debug(grid, out).already_done == 2  # unchanged inputs: reused
@@ -235,7 +234,7 @@ def test_report_names_a_damaged_file(inputs, tmp_path, capsys, name, says):
         (
             {"lr_grid": None},
             {"lr_grid": ["-1e-2"]},
-            "grid.lr_grid = '-1e-2': learning rates must be positive",
+            "grid.lr_grid = '-1e-2': must be 'paper', 'short' or positive learning rates",
         ),
         ({}, {"label_words": [["-x", "y"]]}, "grid.label_words = '-x': `icl-lens run` would read"),
     ],

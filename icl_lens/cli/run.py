@@ -248,6 +248,23 @@ def run(args, *, model=None) -> int:
         return _run(args, settings, model)
 
 
+def task_load_options(args) -> dict:
+    """:func:`~icl_lens.data.task_sources.load_task`'s options for ``args`` (a sweep's
+    check loads each cell's task with the same ones)."""
+    words = None
+    if args.label_words:
+        words = [w if w[:1].isspace() else " " + w for w in args.label_words]
+    return {
+        "template": args.template,
+        "label_words": words,
+        # the authors' cap: compare measures the first max_queries of them, and the
+        # dai2023 protocol sizes the context over them all
+        "validation_limit": max(VALIDATION_CAP, args.max_queries),
+        "validation_fraction": args.validation_fraction,
+        "source": args.data_source,
+    }
+
+
 def _run(args, settings: StudySettings, model=None) -> int:
     from icl_lens.cli.tables import format_table
     from icl_lens.data.task_sources import TaskLoadError, load_task
@@ -257,19 +274,7 @@ def _run(args, settings: StudySettings, model=None) -> int:
     if args.quiet:
         _silence_progress()
     try:
-        words = None
-        if args.label_words:
-            words = [w if w[:1].isspace() else " " + w for w in args.label_words]
-        task = load_task(
-            args.task,
-            template=args.template,
-            label_words=words,
-            # the authors' cap: compare measures the first max_queries of them, and the
-            # dai2023 protocol sizes the context over them all
-            validation_limit=max(VALIDATION_CAP, args.max_queries),
-            validation_fraction=args.validation_fraction,
-            source=args.data_source,
-        )
+        task = load_task(args.task, **task_load_options(args))
     except (TaskLoadError, *USER_ERRORS) as err:
         raise UserError(cli_wording(str(err))) from err
     note = describe_task_source(task) if task.source != "file" else _held_out_note(task)

@@ -308,20 +308,12 @@ class Grid:
         once), record its fingerprint, draw the cell's demonstrations and their order."""
         import numpy as np
 
+        from icl_lens.cli.run import task_load_options
         from icl_lens.data.demonstrations import sample_demonstrations
         from icl_lens.data.task_sources import TaskLoadError, load_task
         from icl_lens.study.checkpoint import fingerprint_task
 
-        words = None
-        if args.label_words:
-            words = [w if w[:1].isspace() else " " + w for w in args.label_words]
-        how = {
-            "template": args.template,
-            "label_words": words,
-            "validation_limit": args.max_queries,
-            "validation_fraction": args.validation_fraction,
-            "source": args.data_source,
-        }
+        how = task_load_options(args)
         key = json.dumps([args.task, how], sort_keys=True)
         if key not in tasks:
             try:
