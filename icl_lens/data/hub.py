@@ -1,4 +1,5 @@
-"""The paper's six tasks on the Hugging Face Hub: where each lives and how its columns map."""
+"""The paper's six tasks on the Hugging Face Hub: where each lives and how its columns map,
+and :func:`download_paper_task`, which saves one as a local file for offline use."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from icl_lens.data.records import _finish, _to_examples
@@ -13,6 +15,7 @@ from icl_lens.data.tasks import (
     PAPER_TASKS,
     Task,
     TaskSpec,
+    normalize_task_name,
 )
 
 
@@ -99,9 +102,26 @@ def _local_file_hint(spec: TaskSpec) -> str:
         "(train / validation); CSV with the same columns, or a directory with train.jsonl "
         f"and validation.jsonl, work too. A file named {spec.name}.* gets this task's template "
         'and label words. To make one on a machine with network: python -c "from '
-        "icl_lens.data.task_sources import load_task, save_task; save_task(load_task("
-        f"'{spec.name}', validation_limit=None, seed=None), '{spec.name}.jsonl')\""
+        f"icl_lens.data.hub import download_paper_task; download_paper_task('{spec.name}', "
+        f"'{spec.name}.jsonl')\""
     )
+
+
+def download_paper_task(name: str, path: str | os.PathLike) -> Path:
+    """Save paper task ``name`` from the Hugging Face Hub as a local task file ``path``
+    (format by extension, see :func:`icl_lens.data.local_files.save_task`): both splits
+    whole, in the hub's order, so that loading the file offline gives the validation
+    queries loading the task from the hub gives.
+
+    >>> download_paper_task("cb", "cb.jsonl")  # doctest: +SKIP
+    PosixPath('cb.jsonl')
+    """
+    from icl_lens.data.local_files import save_task
+
+    key = normalize_task_name(name)
+    if key not in PAPER_SOURCES:
+        raise ValueError(f"{name!r} is not a paper task: choose from {', '.join(PAPER_SOURCES)}")
+    return save_task(_load_paper_task(key, PAPER_TASKS[key], None, None, {}), path)
 
 
 def _load_hub_dataset(key: str, hub_kwargs: Mapping[str, Any]):

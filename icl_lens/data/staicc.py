@@ -46,6 +46,7 @@ __all__ = [
     "HOLDOUT_SEED",
     "STAICC_COPIES",
     "StaICCCopy",
+    "StaICCFileError",
     "load_staicc_task",
     "read_staicc_file",
     "staicc_available",
@@ -74,37 +75,52 @@ STAICC_COPIES: dict[str, StaICCCopy] = {
 """The paper tasks StaICC has a copy of, keyed like ``PAPER_TASKS`` (no ``cb``)."""
 
 
+REINSTALL = "reinstall StaICC: pip install --force-reinstall --no-deps StaICC"
+
+
+class StaICCFileError(pickle.UnpicklingError, ValueError):
+    """A StaICC dataset file refused (it names a global, which could run code) or not
+    readable as a pickle. A ``ValueError`` too, so the CLI prints it as one line."""
+
+
 class _NoGlobals(pickle.Unpickler):
     """Unpickles containers and scalars only: every class, function or module lookup
     (the only way a pickle can run code) is refused."""
 
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(
+        raise StaICCFileError(
             f"refusing to load {module}.{name}: a StaICC dataset file holds only lists, "
             "tuples, strings and integers"
         )
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("refusing a persistent id in a StaICC dataset file")
+        raise StaICCFileError("refusing a persistent id in a StaICC dataset file")
 
 
 def read_staicc_file(data: bytes | Path, where: str = "StaICC file") -> list[tuple[str, int]]:
     """``(text, label)`` pairs from a StaICC ``*.dataset`` pickle, without running
-        anything in it: globals are refused (``pickle.UnpicklingError``) and the structure is
-        checked to be a list of ``([text], int)`` pairs.
+    anything in it: globals are refused (:class:`StaICCFileError`, naming the fix) and
+    the structure is checked to be a list of ``([text], int)`` pairs.
 
-        >>> import pickle
-    from dataclasses import dataclass
-        >>> read_staicc_file(pickle.dumps([(["a fine film"], 1), (["a bore"], 0)]))
-        [('a fine film', 1), ('a bore', 0)]
-        >>> import os
-        >>> read_staicc_file(pickle.dumps([os.getcwd]))  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-          ...
-        _pickle.UnpicklingError: refusing to load posix.getcwd: a StaICC dataset file holds only ...
+    >>> import pickle
+    >>> read_staicc_file(pickle.dumps([(["a fine film"], 1), (["a bore"], 0)]))
+    [('a fine film', 1), ('a bore', 0)]
+    >>> import os
+    >>> read_staicc_file(pickle.dumps([os.getcwd]))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    icl_lens.data.staicc.StaICCFileError: StaICC file: refusing to load posix.getcwd: ...
     """
     raw = data.read_bytes() if isinstance(data, Path) else data
-    table = _NoGlobals(io.BytesIO(raw)).load()
+    try:
+        table = _NoGlobals(io.BytesIO(raw)).load()
+    except StaICCFileError as err:
+        raise StaICCFileError(f"{where}: {err}; nothing in it was run; {REINSTALL}") from None
+    except Exception as err:  # noqa: BLE001 - a damaged pickle fails in many ways
+        raise StaICCFileError(
+            f"{where} is not a readable StaICC dataset file ({type(err).__name__}: {err}); "
+            f"{REINSTALL}"
+        ) from None
     if not isinstance(table, list):
         raise ValueError(f"{where}: expected a list of ([text], label) pairs, got {type(table)}")
     out: list[tuple[str, int]] = []

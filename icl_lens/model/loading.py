@@ -246,10 +246,11 @@ def load_model(
     damaged ``*.safetensors`` file, a directory without a tokenizer, and a tokenizer
     whose size does not fit the model's embedding table.
 
-    A GGUF source (a ``.gguf`` file, a folder holding one, or a list of chunk files in
-    order) is dequantised once to float32 and cached as a Hugging Face directory (see
-    :mod:`icl_lens.model.gguf`), which is then checked and loaded like any other;
-    ``dtype`` applies when that directory is loaded.
+    A GGUF source (a ``.gguf`` file, a folder holding one, or a list of chunk files,
+    joined in the order their numbered names say) is checked to be one well-formed GGUF,
+    dequantised once to float32 and cached as a Hugging Face directory (see
+    :mod:`icl_lens.model.gguf`; a damaged cache entry is converted again), which is then
+    checked and loaded like any other; ``dtype`` applies when that directory is loaded.
 
     ``device`` (default cpu) or, to spread the layers over several devices,
     ``device_map`` ("auto", "balanced" or a module -> device dict), ``n_devices`` (CUDA

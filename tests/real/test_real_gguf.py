@@ -1,5 +1,6 @@
 """Gemma 3 270M from its GGUF chunks: the TransformerLens model computes the transformers
-model's logits, it is a working language model, and the conversion is cached."""
+model's logits, it is a working language model, the chunks join in the order their names
+say into one well-formed GGUF, and the conversion is cached with the hashes of its files."""
 
 from __future__ import annotations
 
@@ -53,6 +54,24 @@ def test_a_second_load_reuses_the_conversion(gemma3, gemma3_chunks, monkeypatch)
     monkeypatch.setattr(gguf, "_convert", no_conversion)
     monkeypatch.setattr(gguf, "_require_reader", no_conversion)
     assert gguf.converted_dir(gemma3_chunks) == first
+    assert gguf._entry_damage(first, gguf._sha256(gemma3_chunks)) is None  # files as written
     assert first.parent.parent == gguf.cache_root()
     assert (first / "model.safetensors").is_file() and (first / "tokenizer.json").is_file()
     assert not list(first.parent.glob(f".partial-{first.name}-*"))
+
+
+def test_the_chunks_in_any_order_are_one_source(gemma3_chunks):
+    swapped = [gemma3_chunks[i] for i in (0, 2, 1, 3)]
+    assert gguf.gguf_files(swapped) == gguf.gguf_files(gemma3_chunks[::-1]) == gemma3_chunks
+
+
+def test_the_joined_chunks_are_one_well_formed_gguf(gemma3_chunks, tmp_path):
+    from icl_lens.model.gguf_chunks import check_layout
+
+    joined = tmp_path / "gemma.gguf"
+    with joined.open("wb") as out:
+        for chunk in gemma3_chunks:
+            out.write(chunk.read_bytes())
+    # raises if its header does not place every tensor inside the file, end to end
+    # (refusals are tested on tiny files in tests/test_gguf.py)
+    check_layout(joined, "Gemma 3 270M")
