@@ -8,6 +8,7 @@ made. Numpy and tensor integers work like ints."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -215,3 +216,51 @@ def test_view_lists_and_figure_options_are_checked(full):
     assert len(full.plot_heads(["icl_norm", "demo_mass"], ncols=np.int64(1)).axes) >= 2
     with pytest.raises(TypeError, match="only must be a list of names"):
         plot_metric_heads(pd.DataFrame(), only="simam")
+
+
+# ---- prompts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (
+            lambda p: dict(tokens=p.tokens.float()),
+            TypeError,
+            r"integer token ids, got a torch.float32 tensor.*dtype=torch.long",
+        ),
+        (lambda p: dict(tokens=p.tokens.tolist()), TypeError, "must be a tensor of token ids"),
+        (lambda p: dict(tokens=p.tokens[None]), ValueError, r"got shape \(1, 9\)"),
+        (lambda p: dict(query_start=p.n_tokens), ValueError, "query needs at least one token"),
+        (lambda p: dict(query_start=5), ValueError, "demo_spans .* before the query"),
+        (lambda p: dict(demo_spans=((1, 5), (4, 7))), ValueError, "not overlapping"),
+        (lambda p: dict(str_tokens=("a", "b")), ValueError, "2 strings for 9 token ids"),
+    ],
+)
+def test_a_contradictory_prompt_is_refused_where_it_is_made(prompt, change, error, message):
+    """A float-token prompt failed inside the decomposition with a shape mismatch
+    between two tensors; a 2-D one said position 0 was not a query position."""
+    with pytest.raises(error, match=message):
+        dataclasses.replace(prompt, **change(prompt))
+
+
+def test_a_prompt_of_int32_ids_still_works(model, prompt, full):
+    dec = il.decompose(
+        model, dataclasses.replace(prompt, tokens=prompt.tokens.int()), positions=[7, 8]
+    )
+    torch.testing.assert_close(dec.icl, full.icl)
+
+
+def test_prompt_builders_refuse_a_text_where_a_list_belongs():
+    tok = make_tokenizer()
+    with pytest.raises(TypeError, match="got a single str .*wrap it"):
+        il.build_prompt(tok, "w1 good", "w3")  # was: one demonstration per character
+    with pytest.raises(TypeError, match="each demonstration must be a formatted text"):
+        il.build_prompt(tok, ["w1 good", 3], "w3")
+    with pytest.raises(TypeError, match="query must be the query's formatted text"):
+        il.build_prompt(tok, ["w1 good"], ["w3"])
+    spec = il.TaskSpec("t", "Sentence: {text} Label:", (" bad", " good"))
+    with pytest.raises(TypeError, match="demonstrations must be a list of Examples"):
+        il.task_prompt(tok, spec, "w1 good", "w3")
+    with pytest.raises(TypeError, match="query must be an Example or the query's text"):
+        il.task_prompt(tok, spec, [], 3)
