@@ -1,7 +1,9 @@
 """The duality decomposition against an independent recomputation, on four
 architectures (GPT-2, GPT-NeoX with partial rotary, Llama with grouped-query attention,
 Gemma 3 with QK-norm, sliding-window layers shorter than the prompt and its own query
-scaling), on whichever TransformerLens line is installed."""
+scaling), on whichever TransformerLens line is installed. The identities are checked on
+every layer and on layer subsets: ``layers=[1, 2]`` and ``layers=[2]`` give exactly the
+full decomposition's terms of those layers, looked up by the model's layer numbers."""
 
 import pytest
 import torch
@@ -18,6 +20,10 @@ from tests.reference import gemma3_reference, rotary
 
 TOL = 1e-5
 HF_TWINS = {}  # arch -> the transformers model the hooked one wraps
+N_LAYERS = 3
+LAYER_SETS = [None, [1, 2], [2]]
+"""Every layer, and two subsets that leave layer 0 (and 1) out: a term looked up by
+position in ``layers`` instead of by layer number shows as another layer's."""
 
 
 def rel_err(a, b):
@@ -26,7 +32,7 @@ def rel_err(a, b):
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def arch_model(request):
-    model, HF_TWINS[request.param] = make_model(request.param)
+    model, HF_TWINS[request.param] = make_model(request.param, n_layers=N_LAYERS)
     return request.param, model
 
 
@@ -87,20 +93,29 @@ def independent_relaxed(model, prompt, layer, position, arch):
     return torch.einsum("hp,phd->hd", scores, v[: position + 1])
 
 
-def test_zsl_plus_icl_equals_relaxed_attention_recomputed_from_weights(arch_model, prompt):
+def decomposed_layers(dec) -> list[tuple[int, int]]:
+    """(the model's layer number, its index on the tensors' layer axis)."""
+    return [(layer, dec.index_of(layer, 0)[0]) for layer in dec.layers.tolist()]
+
+
+@pytest.mark.parametrize("layers", LAYER_SETS)
+def test_zsl_plus_icl_equals_relaxed_attention_recomputed_from_weights(arch_model, prompt, layers):
     arch, model = arch_model
-    dec = il.decompose(model, prompt)
-    for layer in range(il.adapt(model).n_layers):
+    dec = il.decompose(model, prompt, layers=layers)
+    assert dec.layers.tolist() == (layers or list(range(N_LAYERS)))
+    for layer, li in decomposed_layers(dec):
         expected = independent_relaxed(model, prompt, layer, prompt.prediction_position, arch)
-        got = dec.zsl[layer, :, 0] + dec.icl[layer, :, 0]
+        got = dec.zsl[li, :, 0] + dec.icl[li, :, 0]
         assert rel_err(got, expected) <= TOL, (arch, layer)
         for head in range(got.shape[0]):
             assert rel_err(got[head], expected[head]) <= TOL, (arch, layer, head)
 
 
-def test_softmax_split_reproduces_hook_z(arch_model, prompt):
+@pytest.mark.parametrize("layers", LAYER_SETS)
+def test_softmax_split_reproduces_hook_z(arch_model, prompt, layers):
     _, model = arch_model
-    dec = il.decompose(model, prompt, positions=range(prompt.query_start, prompt.n_tokens))
+    positions = range(prompt.query_start, prompt.n_tokens)
+    dec = il.decompose(model, prompt, positions=positions, layers=layers)
     assert rel_err(dec.z_split, dec.z) <= TOL
     for layer in range(dec.z.shape[0]):
         for head in range(dec.z.shape[1]):
@@ -173,18 +188,23 @@ def test_key_dot_query_times_the_model_scale_is_its_attention_score(arch_model, 
         assert (dec.key_dot_query[layer, :, 0][~seen] == 0).all()
 
 
-def test_head_outputs_through_W_O_sum_to_attn_out(arch_model, prompt):
+@pytest.mark.parametrize("layers", LAYER_SETS)
+def test_head_outputs_through_W_O_sum_to_attn_out(arch_model, prompt, layers):
     """Through W_O (and Gemma's post-attention norm, frozen at this forward) the heads'
-    outputs add up to hook_attn_out, what the block adds to the residual stream."""
+    outputs add up to hook_attn_out, what the block adds to the residual stream; so do
+    the heads of one layer mapped one by one (head_to_resid, by layer number)."""
     arch, model = arch_model
-    dec = il.decompose(model, prompt)
+    dec = il.decompose(model, prompt, layers=layers)
     bias = dec.b_O[:, None]
     assert (dec.post_norm is not None) == (arch == "gemma3")
     if dec.post_norm is not None:
         bias = bias * dec.post_norm
     total = dec.head_outputs.sum(1) + bias
-    for layer in range(total.shape[0]):
-        assert rel_err(total[layer], dec.attn_out[layer]) <= TOL
+    for layer, li in decomposed_layers(dec):
+        assert rel_err(total[li], dec.attn_out[li]) <= TOL
+        n_heads = dec.z.shape[1]
+        heads = sum(dec.head_to_resid(layer, h, 0, dec.z[li, h, 0]) for h in range(n_heads))
+        assert rel_err(heads + bias[li, 0], dec.attn_out[li, 0]) <= TOL
 
 
 def test_label_direction_reads_the_logit_difference_off_the_residual_stream(arch_model, prompt):
@@ -212,26 +232,26 @@ def test_label_direction_reads_the_logit_difference_off_the_residual_stream(arch
     assert got == pytest.approx(float(logits[0, p, b] - logits[0, p, a]), rel=1e-4, abs=1e-5)
 
 
-def test_contributions_sum_to_icl_term_and_matrices_agree(arch_model, prompt):
+@pytest.mark.parametrize("layers", LAYER_SETS)
+def test_contributions_sum_to_icl_term_and_matrices_agree(arch_model, prompt, layers):
     _, model = arch_model
-    dec = il.decompose(model, prompt, matrices=True)
-    q = torch.zeros(0)
-    for layer in range(dec.icl.shape[0]):
+    dec = il.decompose(model, prompt, matrices=True, layers=layers)
+    for layer, li in decomposed_layers(dec):
         for head in range(dec.icl.shape[1]):
             contrib = dec.contributions(layer, head)
             assert contrib.shape[0] == int(prompt.demo_mask.sum())
-            assert rel_err(contrib.sum(0), dec.icl[layer, head, 0]) <= TOL
+            assert rel_err(contrib.sum(0), dec.icl[li, head, 0]) <= TOL
     # matrix form: (W_ZSL + dW_ICL) q equals the vector form; recover q from the capture
     adapter = il.adapt(model)
     cap = il.hooks.Capture(adapter, what={"q"})
     with adapter.inference():
         cap.run(prompt.tokens[None], positions=torch.tensor([[prompt.prediction_position]]))
-    for layer in range(dec.icl.shape[0]):
+    for layer, li in decomposed_layers(dec):
         q = cap.values["q", layer][0, 0]  # head d_head
-        via_matrix = torch.einsum("had,hd->ha", dec.dW_ICL[layer, :, 0], q)
-        assert rel_err(via_matrix, dec.icl[layer, :, 0]) <= TOL
-        via_matrix = torch.einsum("had,hd->ha", dec.W_ZSL[layer, :, 0], q)
-        assert rel_err(via_matrix, dec.zsl[layer, :, 0]) <= TOL
+        via_matrix = torch.einsum("had,hd->ha", dec.dW_ICL[li, :, 0], q)
+        assert rel_err(via_matrix, dec.icl[li, :, 0]) <= TOL
+        via_matrix = torch.einsum("had,hd->ha", dec.W_ZSL[li, :, 0], q)
+        assert rel_err(via_matrix, dec.zsl[li, :, 0]) <= TOL
 
 
 def test_frame_has_one_row_per_layer_head_position(arch_model, prompt):
@@ -252,6 +272,61 @@ def test_label_effects_add_up_to_the_head_effect(arch_model, prompt):
         total = dec.token_effects(layer, head).sum().item()
         row = frame[(frame["layer"] == layer) & (frame["head"] == head)].iloc[0]
         assert total == pytest.approx(row.zsl_effect + row.icl_effect, rel=1e-4, abs=1e-7)
+
+
+PER_LAYER = ("zsl", "icl", "z", "key_dot_query", "visible", "pattern", "values", "W_O", "b_O")
+PER_LAYER += ("score_scale", "attn_out", "post_norm", "W_ZSL", "dW_ICL", "label_direction")
+
+
+@pytest.mark.parametrize("layers", [[1, 2], [2], [2, 0]])
+def test_a_layer_subset_gives_the_full_decompositions_terms(arch_model, prompt, layers):
+    """Issue 20: with ``layers=[1, 2]`` contributions(layer=1) returned layer 2's terms
+    (indexed by position in ``layers``), and with ``layers=[2]`` layer 2 raised an
+    IndexError. Every method takes the model's layer number; every tensor's layer axis
+    follows ``dec.layers``; the frame names the right layers."""
+    from icl_lens.views.meta_gradients import meta_gradients
+
+    _, model = arch_model
+    kwargs = dict(
+        positions=range(prompt.query_start, prompt.n_tokens), matrices=True, label_tokens=(96, 95)
+    )
+    full = il.decompose(model, prompt, **kwargs)
+    sub = il.decompose(model, prompt, layers=layers, **kwargs)
+    n_heads, n_pos = full.zsl.shape[1], len(full.positions)
+    for layer in layers:
+        for head in range(n_heads):
+            for n in range(n_pos):
+                for method in ("contributions", "token_effects"):
+                    got = getattr(sub, method)(layer, head, n)
+                    assert rel_err(got, getattr(full, method)(layer, head, n)) <= 1e-6
+                x = sub.values[sub.index_of(layer, head, n)[:2]]
+                assert (
+                    rel_err(
+                        sub.head_to_resid(layer, head, n, x), full.head_to_resid(layer, head, n, x)
+                    )
+                    <= 1e-6
+                )
+        a, b = meta_gradients(sub, layer, 1, n_pos - 1), meta_gradients(full, layer, 1, n_pos - 1)
+        assert a.layer == layer and a.values.keys() == b.values.keys()
+        for key in a.values:
+            assert a.values[key] == pytest.approx(b.values[key], rel=1e-6, abs=1e-9), key
+    assert sub.layers.tolist() == layers
+    for name in PER_LAYER:
+        if getattr(full, name) is None:  # post_norm: Gemma only
+            assert getattr(sub, name) is None, name
+            continue
+        for li, layer in enumerate(layers):
+            got, expected = getattr(sub, name)[li], getattr(full, name)[layer]
+            if got.dtype == torch.bool:
+                assert torch.equal(got, expected), name
+            else:
+                assert rel_err(got, expected) <= 1e-6, (name, layer)
+    frame = sub.to_frame().set_index(["layer", "head", "position"])
+    expected = full.to_frame().set_index(["layer", "head", "position"]).loc[frame.index]
+    assert sorted(set(frame.index.get_level_values("layer"))) == sorted(layers)
+    numeric = frame.select_dtypes("number").columns
+    assert (frame["head_label"] == expected["head_label"]).all()
+    assert frame[numeric].to_numpy() == pytest.approx(expected[numeric].to_numpy(), rel=1e-5)
 
 
 def test_dual_form_of_gradient_descent_on_a_linear_layer():

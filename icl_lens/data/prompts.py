@@ -16,6 +16,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
@@ -43,6 +44,9 @@ class Prompt:
     demonstration's own tokens, tokenized alone, are the span's first tokens); None where
     a separator merges with the end of a demonstration under the tokenizer, so that the
     two cannot be told apart."""
+
+    def __post_init__(self) -> None:
+        _check_prompt(self)
 
     def content_spans(self) -> tuple[tuple[int, int], ...]:
         """The demonstration spans without their separators (the demonstration's own
@@ -87,6 +91,54 @@ class Prompt:
     @property
     def query_tokens(self) -> Int[Tensor, " query"]:
         return self.tokens[self.query_start :]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _check_prompt(prompt: Prompt) -> None:
+    """Refuse a prompt whose parts contradict each other, where it is made: float or
+    2-D token ids, a query of no tokens, demonstration spans outside the demonstrations
+    or overlapping, token strings that do not match the ids. Each would otherwise give a
+    wrong error deep inside an analysis, or a silently wrong split."""
+    tokens = prompt.tokens
+    if not isinstance(tokens, Tensor):
+        raise TypeError(
+            f"Prompt tokens must be a tensor of token ids, got {type(tokens).__name__}: "
+            "pass torch.tensor(ids), or build the prompt with il.build_prompt / il.icl_prompt"
+        )
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(
+            f"Prompt tokens must be integer token ids, got a {tokens.dtype} tensor: "
+            "token ids index the vocabulary; pass torch.tensor(ids, dtype=torch.long), or "
+            "build the prompt with il.build_prompt / il.icl_prompt"
+        )
+    if tokens.ndim != 1 or tokens.numel() == 0:
+        raise ValueError(
+            f"Prompt tokens must be one non-empty sequence (shape [pos]), got shape "
+            f"{tuple(tokens.shape)}: one Prompt per prompt (a batch is a list of Prompts)"
+        )
+    n, start = tokens.numel(), prompt.query_start
+    if not _is_int(start) or not 0 <= start < n:
+        raise ValueError(
+            f"Prompt query_start must be the position of the query's first token, an int "
+            f"in 0..{n - 1} (the query needs at least one token), got {start!r}"
+        )
+    end_before = 0
+    for span in prompt.demo_spans:
+        ok = isinstance(span, tuple | list) and len(span) == 2 and all(map(_is_int, span))
+        if not ok or not end_before <= span[0] <= span[1] <= start:
+            raise ValueError(
+                f"Prompt demo_spans must be (start, end) pairs in order, not overlapping, "
+                f"before the query (query_start={start}); got {tuple(prompt.demo_spans)}"
+            )
+        end_before = span[1]
+    if prompt.str_tokens and len(prompt.str_tokens) != n:
+        raise ValueError(
+            f"Prompt str_tokens has {len(prompt.str_tokens)} strings for {n} token ids: "
+            "give one string per token (tokenizer.convert_ids_to_tokens(ids)), or none"
+        )
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -176,6 +228,17 @@ def build_prompt(
     >>> p.demo_spans, p.query_start, p.n_tokens
     (((1, 4), (4, 7)), 7, 8)
     """
+    if isinstance(demonstrations, str):
+        raise TypeError(
+            "demonstrations must be a list of formatted texts, one per demonstration; got "
+            "a single str (its characters would become demonstrations): wrap it, [text]"
+        )
+    demonstrations = list(demonstrations)
+    odd = next((d for d in demonstrations if not isinstance(d, str)), None)
+    if odd is not None:
+        raise TypeError(f"each demonstration must be a formatted text (a str), got {odd!r}")
+    if not isinstance(query, str):
+        raise TypeError(f"query must be the query's formatted text (a str), got {query!r}")
     ids = [bos_id(tokenizer)]
     spans, sep_lengths = [], []
     for demo in demonstrations:
@@ -216,6 +279,15 @@ def task_prompt(
     n_ctx: int | None = None,
 ) -> Prompt:
     """A prompt for ``query`` with ``demonstrations`` formatted by ``spec``."""
+    demonstrations = [demonstrations] if isinstance(demonstrations, str) else list(demonstrations)
+    odd = next((d for d in demonstrations if not isinstance(d, Example)), None)
+    if odd is not None:
+        raise TypeError(
+            "demonstrations must be a list of Examples (sample_demonstrations(task, k, "
+            f"seed=...)), got {odd!r}"
+        )
+    if not isinstance(query, Example | str):
+        raise TypeError(f"query must be an Example or the query's text (a str), got {query!r}")
     if isinstance(query, str):
         query = Example({"text": query}, label=-1)
     return build_prompt(

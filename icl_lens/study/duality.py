@@ -61,9 +61,14 @@ def _cos(a: Tensor, b: Tensor) -> Tensor:
 class Decomposition:
     """Per layer, head and recorded position: the ZSL and ICL terms of each head.
 
-    Shapes use ``layer`` (all layers), ``head`` (query heads), ``n_pos`` (recorded
-    positions, default the prediction position), ``pos`` (prompt tokens) and
+    Shapes use ``layer`` (the decomposed layers, in the order of :attr:`layers`),
+    ``head`` (query heads), ``n_pos`` (recorded positions, in the order of
+    :attr:`positions`; default the prediction position), ``pos`` (prompt tokens) and
     ``d_head``. Key/value tensors are already expanded to query heads.
+
+    The methods take the model's layer numbers: ``dec.contributions(layer=2, head=1)``
+    is layer 2 whichever layers were decomposed. To index the tensors yourself use
+    :meth:`index_of`: ``dec.zsl[dec.index_of(layer=2, head=1)]``.
     """
 
     prompt: Prompt
@@ -141,30 +146,80 @@ class Decomposition:
         """The relaxed linear attention output W_ZSL q + dW_ICL q."""
         return self.zsl + self.icl
 
+    # ---- where a layer, head and recorded position sit in the tensors ---------------------
+    def recorded_position(self, n: int = 0) -> int:
+        """The token position recorded at ``n`` (``positions[n]``): ``n`` counts the
+        recorded positions, 0..n_pos-1, in the order they were given to decompose."""
+        n = _integer(n, "n")
+        n_pos = len(self.positions)
+        if not 0 <= n < n_pos:
+            raise IndexError(
+                f"n={n} out of range: n counts the recorded positions "
+                f"{self.positions.tolist()} (0..{n_pos - 1}), it is not a token position; "
+                "decompose(..., positions=[...]) records others"
+            )
+        return int(self.positions[n])
+
+    def index_of(self, layer: int, head: int, n: int = 0) -> tuple[int, int, int]:
+        """``(layer axis, head, n)`` of the model's layer ``layer``, head ``head`` and
+        recorded position ``n`` in the tensors: the layer axis follows :attr:`layers`.
+
+        >>> from tests.models import make_model, make_tokenizer
+        >>> import icl_lens as il
+        >>> model, _ = make_model("gpt2")
+        >>> p = il.build_prompt(make_tokenizer(), ["w1 good", "w2 bad"], "w3", separator=" \\n")
+        >>> il.decompose(model, p, layers=[1]).index_of(layer=1, head=2)
+        (0, 2, 0)
+        """
+        layer, layers = _integer(layer, "layer"), self.layers.tolist()
+        if layer < 0:
+            raise IndexError(
+                f"layer {layer} was not decomposed: layers are the model's layer numbers, "
+                f"counted from 0, not from the end; choose one of {layers}"
+            )
+        if layer not in layers:
+            raise IndexError(
+                f"layer {layer} was not decomposed: choose one of {layers}, or "
+                f"decompose(..., layers=[..., {layer}])"
+            )
+        head, n_heads = _integer(head, "head"), self.zsl.shape[1]
+        if not 0 <= head < n_heads:
+            raise IndexError(
+                f"head {head} out of range: the model has {n_heads} heads (0..{n_heads - 1})"
+            )
+        n = _integer(n, "n")
+        self.recorded_position(n)
+        return layers.index(layer), head, n
+
     # ---- per-token meta-gradients ----------------------------------------------------
     def contributions(self, layer: int, head: int, n: int = 0) -> Float[Tensor, "demo d_head"]:
         """v_i (k_i . q) for each demonstration token i (rows in prompt order; zero for
-        tokens outside the head's window)."""
-        s = self.key_dot_query[layer, head, n, self.demo_mask]
-        return self.values[layer, head, self.demo_mask] * s[:, None]
+        tokens outside the head's window) of head ``head`` of the model's layer
+        ``layer`` at recorded position ``n``."""
+        li, head, n = self.index_of(layer, head, n)
+        s = self.key_dot_query[li, head, n, self.demo_mask]
+        return self.values[li, head, self.demo_mask] * s[:, None]
 
     def head_to_resid(
         self, layer: int, head: int, n: int, x: Float[Tensor, "... d_head"]
     ) -> Float[Tensor, "... d_model"]:
-        """Vectors of one head at recorded position ``n`` mapped into the residual
-        stream: through W_O, then the frozen post-attention norm where there is one."""
-        resid = x @ self.W_O[layer, head]
-        return resid if self.post_norm is None else resid * self.post_norm[layer, n]
+        """Vectors of one head (the model's layer ``layer``) at recorded position ``n``
+        mapped into the residual stream: through W_O, then the frozen post-attention
+        norm where there is one."""
+        li, head, n = self.index_of(layer, head, n)
+        resid = x @ self.W_O[li, head]
+        return resid if self.post_norm is None else resid * self.post_norm[li, n]
 
     def token_effects(self, layer: int, head: int, n: int = 0) -> Float[Tensor, " pos"]:
         """Each token's term mapped through W_O and onto the label direction (or, with
         no label tokens given, its norm in the residual stream). Demonstration and
-        query tokens alike; zero after the position."""
-        terms = self.values[layer, head] * self.key_dot_query[layer, head, n][:, None]
+        query tokens alike; zero after the position. ``layer`` is the model's."""
+        li, head, n = self.index_of(layer, head, n)
+        terms = self.values[li, head] * self.key_dot_query[li, head, n][:, None]
         resid = self.head_to_resid(layer, head, n, terms)
         if self.label_direction is None:
             return resid.norm(dim=-1)
-        return resid @ self.label_direction[layer, n]
+        return resid @ self.label_direction[li, n]
 
     # ---- through W_O -----------------------------------------------------------------
     def to_resid(
@@ -232,7 +287,8 @@ class Decomposition:
 
     # ---- views (imported when called: views sit above this layer) ---------------------
     def view_meta_gradients(self, layer: int, head: int, n: int = 0):
-        """circuitsvis view of the demonstration tokens coloured by their term."""
+        """circuitsvis view of the prompt's tokens coloured by their term, for head
+        ``head`` of the model's layer ``layer`` at recorded position ``n``."""
         from icl_lens.views.meta_gradients import meta_gradient_view
 
         return meta_gradient_view(self, layer, head, n)
@@ -274,8 +330,44 @@ def _label_direction(adapter, label_tokens, scale: Tensor) -> Tensor:
     return direction[None, :] / scale[:, None]  # n_pos d_model
 
 
+def _integer(value, what: str, kind: str = "an int") -> int:
+    """``value`` as an int: Python and numpy integers and one-element integer tensors.
+    Bools (True would read as 1), floats (1.5 would be cut to 1) and strings are
+    refused."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{what} must be {kind}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _distinct_ints(values, what: str, example: str) -> list[int]:
+    """``values`` (a list, range, array or 1-D tensor of ints) as distinct ints, in the
+    order given. A repeated one is refused: it would be decomposed twice and doubled in
+    every frame and sum, and the tensors' axes would no longer map one to one."""
+    wrong = TypeError(f"{what} must be a list of ints, e.g. {what}={example}; got {values!r}")
+    if isinstance(values, str | bytes):
+        raise wrong
+    try:
+        items = list(values)
+    except TypeError:  # an int, a 0-d tensor or array
+        raise wrong from None
+    out = [_integer(x, f"each of {what}") for x in items]
+    if not out:
+        raise ValueError(f"{what} is empty: pass at least one, or leave it out for the default")
+    repeated = sorted({x for x in out if out.count(x) > 1})
+    if repeated:
+        raise ValueError(
+            f"{what} {out} repeat {repeated}: a repeat would be decomposed twice and "
+            f"counted twice in every frame and sum; pass each once, e.g. "
+            f"{what}={list(dict.fromkeys(out))}"
+        )
+    return out
+
+
 def _check_label_tokens(label_tokens, d_vocab: int) -> tuple[int, int]:
-    """``(a, b)``: two token ids of the vocabulary (a negative id would wrap around)."""
+    """``(a, b)``: two different token ids of the vocabulary (a negative id would wrap
+    around; equal ids would make every effect, logit[b] - logit[a], exactly zero)."""
     if isinstance(label_tokens, str | bytes) or not hasattr(label_tokens, "__len__"):
         raise TypeError(
             "label_tokens must be a pair of token ids (a, b), e.g. "
@@ -286,19 +378,33 @@ def _check_label_tokens(label_tokens, d_vocab: int) -> tuple[int, int]:
             f"label_tokens must be a pair of token ids (a, b) for logit[b] - logit[a]; got "
             f"{len(label_tokens)} values"
         )
-    ids = []
-    for token in label_tokens:
-        if isinstance(token, Tensor) and token.numel() == 1:
-            token = token.item()
-        if isinstance(token, bool) or not isinstance(token, int | np.integer):
-            raise TypeError(f"label_tokens must be integer token ids, got {token!r}")
+    a, b = (_integer(token, "label_tokens", "integer token ids") for token in label_tokens)
+    for token in (a, b):
         if not 0 <= token < d_vocab:
             raise ValueError(
-                f"label token id {int(token)} is outside the model's vocabulary "
-                f"(ids 0..{d_vocab - 1})"
+                f"label token id {token} is outside the model's vocabulary (ids 0..{d_vocab - 1})"
             )
-        ids.append(int(token))
-    return ids[0], ids[1]
+    if a == b:
+        raise ValueError(
+            f"label_tokens are both token id {a}: the effect is logit[b] - logit[a], the "
+            "difference of two label logits, so equal ids make every effect exactly 0; pass "
+            "the ids of two different label words, e.g. label_tokens(model.tokenizer, spec).first"
+        )
+    return a, b
+
+
+def _check_layers(layers, n_layers: int) -> list[int]:
+    """The model's layer numbers to decompose (default all), each once, in 0..n-1."""
+    if layers is None:
+        return list(range(n_layers))
+    layers = _distinct_ints(layers, "layers", f"[0, {n_layers - 1}]")
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(
+            f"layers {bad} out of range: the model has {n_layers} layers, numbered "
+            f"0..{n_layers - 1} (not counted from the end: the last is {n_layers - 1})"
+        )
+    return layers
 
 
 def decompose(
@@ -313,9 +419,12 @@ def decompose(
     """Split every head's output at ``positions`` (default: the prediction position)
     into its W_ZSL q and dW_ICL q terms.
 
-    ``label_tokens=(a, b)`` (two token ids) adds each term's direct effect on the logit
-    difference ``logit[b] - logit[a]``. ``matrices=True`` also returns the d_head x d_head
-    matrices W_ZSL and dW_ICL (per position).
+    ``layers`` are the model's layer numbers (default all), each once; the tensors'
+    layer axis follows them, and every method takes layer numbers (:meth:`index_of`).
+    ``positions`` are token positions of the query, each once. ``label_tokens=(a, b)``
+    (two different token ids) adds each term's direct effect on the logit difference
+    ``logit[b] - logit[a]``. ``matrices=True`` also returns the d_head x d_head matrices
+    W_ZSL and dW_ICL (per position).
     """
     adapter = adapt(model)
     check_prompts([prompt], getattr(adapter.model, "tokenizer", None))
@@ -328,14 +437,17 @@ def decompose(
             f"demonstrations, {prompt.n_tokens - prompt.query_start} of query) but the "
             f"model's context is {adapter.n_ctx}: use fewer or shorter demonstrations"
         )
-    positions = [prompt.prediction_position] if positions is None else list(positions)
+    if positions is None:
+        positions = [prompt.prediction_position]
+    positions = _distinct_ints(positions, "positions", f"[{prompt.prediction_position}]")
     bad = [p for p in positions if not prompt.query_start <= p < prompt.n_tokens]
     if bad:
         raise IndexError(
             f"positions {bad} are not query positions: choose from "
-            f"{prompt.query_start}..{prompt.n_tokens - 1} (the query's tokens)"
+            f"{prompt.query_start}..{prompt.n_tokens - 1} (the query's tokens; token "
+            "positions count from 0 at the first token, not from the end)"
         )
-    layers = list(range(adapter.n_layers)) if layers is None else list(layers)
+    layers = _check_layers(layers, adapter.n_layers)
     capture = Capture(adapter, what=WHAT, layers=layers)
     pos = torch.tensor(positions, dtype=torch.long)
     post_norms = [adapter.post_attn_norm(layer) for layer in layers]

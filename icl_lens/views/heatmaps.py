@@ -15,6 +15,7 @@ metrics of a comparison (SimAM per head), as matplotlib figures and as a view.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -57,7 +58,14 @@ def head_summary(frame: pd.DataFrame) -> pd.DataFrame:
     return with_head_labels(out)
 
 
+def _names(names: Sequence[str] | None, what: str, example: str) -> None:
+    """Refuse one name where a list belongs (its characters would be read as names)."""
+    if isinstance(names, str):
+        raise TypeError(f"{what} must be a list of names, e.g. {what}={example}; got {names!r}")
+
+
 def _grids(frame: pd.DataFrame, columns: Sequence[str] | None) -> list[tuple[str, pd.DataFrame]]:
+    _names(columns, "columns", f"[{columns!r}]")
     summary = head_summary(frame) if "relax_gap" not in frame else frame
     if columns is None:
         columns = [c for c in OVERVIEW_COLUMNS if c in summary]
@@ -72,6 +80,10 @@ def _grids(frame: pd.DataFrame, columns: Sequence[str] | None) -> list[tuple[str
 
 
 def _grid_figure(grids: list[tuple[str, pd.DataFrame]], ncols: int | None) -> Figure:
+    if ncols is not None and (
+        isinstance(ncols, bool) or not isinstance(ncols, Integral) or ncols < 1
+    ):
+        raise ValueError(f"ncols must be a positive int (panels per row) or None, got {ncols!r}")
     fig, axes = new_figure(len(grids), panel=panel_size(grids[0][1]), ncols=ncols)
     for ax, (title, grid) in zip(axes, grids, strict=True):
         heatmap(ax, grid, title=title)
@@ -95,6 +107,7 @@ def metric_grids(
     metrics: pd.DataFrame, only: Sequence[str] | None = None
 ) -> list[tuple[str, pd.DataFrame]]:
     """``(title, layer x head grid)`` of each metric and variant with per-head rows."""
+    _names(only, "only", f"[{only!r}]")
     observed = metrics[
         (metrics["baseline"] == "none") & (metrics["layer"] >= 0) & (metrics["head"] >= 0)
     ]

@@ -55,21 +55,6 @@ def prompt_tokens(prompt) -> list[str]:
     return [str(int(t)) for t in prompt.tokens]
 
 
-def _layer_index(dec, layer: int) -> int:
-    layers = [int(x) for x in dec.layers]
-    if layer not in layers:
-        raise IndexError(f"layer {layer} was not decomposed; choose one of {layers}")
-    return layers.index(layer)
-
-
-def _check_head(dec, head: int, n: int) -> None:
-    n_heads, n_pos = dec.zsl.shape[1], dec.zsl.shape[2]
-    if not 0 <= head < n_heads:
-        raise IndexError(f"head {head} out of range: the model has {n_heads} heads")
-    if not 0 <= n < n_pos:
-        raise IndexError(f"n={n} out of range: {n_pos} position(s) were decomposed")
-
-
 def _floats(values: Iterable[Any]) -> list[float]:
     return [float("nan") if x is None else float(x) for x in values]
 
@@ -195,14 +180,18 @@ def meta_gradients(
     >>> len(mg.tokens) == p.n_tokens, list(mg.values)[:2]
     (True, ['along head output', 'norm'])
     """
-    li = _layer_index(dec, layer)
-    _check_head(dec, head, n)
-    pos = int(dec.positions[n])
+    if labels is not None and (isinstance(labels, str) or len(labels) != 2):
+        raise ValueError(
+            "labels must name the two label words (a, b) of decompose's label_tokens, e.g. "
+            f"('bad', 'good'); got {labels!r}"
+        )
+    li, head, n = dec.index_of(layer, head, n)  # the model's layer number -> its axis
+    pos = dec.recorded_position(n)
     upto = slice(0, pos + 1)
     kq = dec.key_dot_query[li, head, n, upto]
     terms = dec.values[li, head, upto] * kq[:, None]  # pos d_head
-    resid = dec.head_to_resid(li, head, n, terms)  # pos d_model
-    out = dec.head_to_resid(li, head, n, dec.z[li, head, n])
+    resid = dec.head_to_resid(layer, head, n, terms)  # pos d_model
+    out = dec.head_to_resid(layer, head, n, dec.z[li, head, n])
     unit = out / out.norm().clamp(min=1e-30)
     values: dict[str, Tensor] = {}
     if dec.label_direction is not None:
@@ -222,7 +211,7 @@ def meta_gradients(
         "relax_cos": float(dec.relaxation_cosine[li, head, n]),
     }
     return MetaGradients(
-        layer=int(layer),
+        layer=int(dec.layers[li]),
         head=int(head),
         position=pos,
         tokens=prompt_tokens(dec.prompt)[upto],
@@ -252,11 +241,15 @@ def meta_gradient_view(
 
 def top_heads(dec, k: int = 4, n: int = 0, *, by: str = "icl_norm") -> list[tuple[int, int]]:
     """``(layer, head)`` of the ``k`` heads with the largest ``by`` (a
-    :meth:`Decomposition.to_frame` column, default ``|dW_ICL q|``) at position ``n``."""
+    :meth:`Decomposition.to_frame` column, default ``|dW_ICL q|``) at recorded
+    position ``n``, as the model's layer numbers."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive int (how many heads to show), got {k!r}")
+    position = dec.recorded_position(n)
     frame = dec.to_frame()
-    frame = frame[frame["position"] == int(dec.positions[n])]
-    if by not in frame:
-        numeric = [c for c in frame.columns if c not in ("layer", "head", "head_label", "position")]
+    frame = frame[frame["position"] == position]
+    numeric = [c for c in frame.columns if c not in ("layer", "head", "head_label", "position")]
+    if by not in numeric:
         raise KeyError(f"unknown column {by!r}; choose from {numeric}")
     best = frame.assign(_key=frame[by].abs()).sort_values("_key", ascending=False).head(k)
     return [(int(r.layer), int(r.head)) for r in best.itertuples()]
@@ -273,6 +266,12 @@ def meta_gradient_views(
     """The meta-gradient views of ``heads`` (default: :func:`top_heads`) in one panel,
     with the circuitsvis bundle inlined once."""
     heads = top_heads(dec, k, n) if heads is None else list(heads)
+    odd = [h for h in heads if isinstance(h, str) or not hasattr(h, "__len__") or len(h) != 2]
+    if odd or not heads:
+        raise ValueError(
+            "heads must be a non-empty list of (layer, head) pairs, e.g. heads=[(1, 0)], "
+            f"or None for the top k; got {heads!r}"
+        )
     views = [meta_gradient_view(dec, la, h, n, labels=labels) for la, h in heads]
     return View(top_heads_heading(f"L{la}H{h}" for la, h in heads), *views)
 
