@@ -18,7 +18,8 @@ right shapes works, including recordings from a randomly initialised model (the
 ``results_frame(*results)`` one tidy frame from several results
 ``with_head_labels(frame)`` adds ``head_label``: ``L{layer}H{head}``, ``L{layer}``, ``all``
 ``rec2ftp_flag``,           when a value cannot speak (:mod:`.flags`)
-``indistinguishable``
+``indistinguishable``,
+``interval_flags``
 ==========================  ===================================================
 
 Conventions shared by every result:
@@ -68,7 +69,7 @@ from . import kendall as _kendall
 from . import simam as _simam
 from . import simaou as _simaou
 from . import topk_recall as _topk_recall
-from .flags import indistinguishable, join_flags, rec2ftp_flag
+from .flags import MIN_QUERIES, indistinguishable, interval_flags, join_flags, rec2ftp_flag
 from .hierarchical import HierarchicalCI, hierarchical_bootstrap, hierarchical_table
 from .kendall import kendall
 from .rec2ftp import Rec2FTPResult, rec2ftp
@@ -111,6 +112,7 @@ __all__ = [
     "BASELINES",
     "VARIANTS",
     "FRAME_COLUMNS",
+    "MIN_QUERIES",
     "OBSERVED",
     "STAT_COLUMNS",
     "HierarchicalCI",
@@ -126,6 +128,7 @@ __all__ = [
     "hierarchical_mean",
     "hierarchical_table",
     "indistinguishable",
+    "interval_flags",
     "join_flags",
     "kendall",
     "rec2ftp",

@@ -85,6 +85,7 @@ def test_run_writes_results_json_and_metrics_csv(uninterrupted, files, capsys, t
     header = next(line for line in printed.splitlines() if line.startswith("metric"))
     assert {"untrained", "icl_rt", "ft_rt", "shuf_q", "note"} <= set(header.split())
     assert "lr 10 is the smallest of the grid" in printed  # the run's flag, with its advice
+    assert "interval from 10 queries: too few for it to hold" in printed  # --max-queries 10
 
 
 def test_interrupted_run_resumes_without_redoing_finished_stages(

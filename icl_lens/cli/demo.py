@@ -7,9 +7,9 @@ saw in training, so only the demonstrations say which word means which class), f
 three demonstration sets (seeds 1, 2, 3): the metrics of the first set with every
 baseline (shuffled pairings, the test-retest ceilings, the untrained-weights control
 over three draws) and flags where a value cannot speak, then every metric over the
-three sets with a hierarchical interval (sets, then queries). Writes the first set's
-``OUT/results.json``, ``OUT/metrics.csv``, ``OUT/views.json`` and ``OUT/report.html``,
-and the table over the sets as ``OUT/runs.csv``.
+three sets with an interval over sets and queries (docs/method.md, "Intervals").
+Writes the first set's ``OUT/results.json``, ``OUT/metrics.csv``, ``OUT/views.json``
+and ``OUT/report.html``, and the table over the sets as ``OUT/runs.csv``.
 
 ``--update-readme`` writes what it prints into README.md between the
 ``<!-- demo output -->`` markers (run it from the repository root after a change that
@@ -171,8 +171,8 @@ def _run(args, out: Path) -> int:
         print(f"demonstration set 1 of {len(args.seeds)} (seed {args.seeds[0]}):")
         print(format_table(cmp, legend=True))
         title = (
-            f"\nover {len(args.seeds)} demonstration sets (seeds {seeds}): mean, and a "
-            "bootstrap interval over sets, then queries"
+            f"\nover {len(args.seeds)} demonstration sets (seeds {seeds}): mean, and an "
+            "interval over sets (t) and queries (bootstrap)"
         )
         print(format_aggregate(aggregate, title=title))
     print(text.getvalue(), end="")

@@ -312,7 +312,8 @@ def mean_accuracy(draws: list[dict]) -> dict[str, float]:
 
 def flagged_frame(frames, rec2ftp_results) -> pd.DataFrame:
     """All rows with their FT mode, and the ``flag`` column: Rec2FTP's own reason where it
-    cannot speak, and overlap with a shuffled pairing or independent baseline."""
+    cannot speak, an interval from too few queries, and overlap with a shuffled pairing or
+    independent baseline."""
     parts = []
     for mode, mode_parts in frames:
         f = pd.concat(mode_parts, ignore_index=True)
@@ -322,7 +323,9 @@ def flagged_frame(frames, rec2ftp_results) -> pd.DataFrame:
         if note:
             mask = (f["metric"] == "rec2ftp") & (f["baseline"] == analyses.OBSERVED)
             own[mask] = note
-        f["flag"] = analyses.join_flags(own, analyses.indistinguishable(f))
+        f["flag"] = analyses.join_flags(
+            own, analyses.interval_flags(f), analyses.indistinguishable(f)
+        )
         parts.append(f)
     frame = pd.concat(parts, ignore_index=True)
     flags = [x if isinstance(x, str) else None for x in frame["flag"]]

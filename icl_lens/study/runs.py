@@ -3,9 +3,10 @@
 :func:`compare_runs` runs one comparison per seed (demonstration set) and order seed,
 sharing what does not depend on them (the ZSL recordings). :meth:`ComparisonSet.table`
 is the headline: each overall value as the mean over demonstration sets (of the mean
-over their orders, and over the control's draws), with a hierarchical bootstrap interval
-(sets, then orders, then draws, then queries: :func:`icl_lens.analyses.hierarchical_table`),
-flagged like a single run's where it cannot speak.
+over their orders, and over the control's draws), with an interval over sets and queries
+(:func:`icl_lens.analyses.hierarchical_table`: a t interval over the sets' values plus
+what the shared queries add), flagged like a single run's where it cannot speak, and
+where one set leaves the interval blind to other sets.
 
 >>> runs = compare_runs(model, "sst2", seeds=(1, 2), orders=(None, 0))  # doctest: +SKIP
 >>> runs.table()                                                        # doctest: +SKIP
@@ -55,11 +56,13 @@ class ComparisonSet:
         self, *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
     ) -> pd.DataFrame:
         """The overall rows over all runs: ``metric, variant, baseline, ft_mode, value,
-        ci_low, ci_high, n_runs, flag``. ``value``: the mean over demonstration sets of the
-        mean over their orders (and over the control's draws); the interval: a
-        hierarchical bootstrap over sets, orders, draws, then queries. ``flag``: an
-        interval overlapping a shuffled pairing's (or Rec2FTP's independent baseline's),
-        or a Rec2FTP flagged in every run."""
+        ci_low, ci_high, n_runs, n_sets, n_queries, flag``. ``value``: the mean over
+        demonstration sets of the mean over their orders (and over the control's draws);
+        the interval: :func:`~icl_lens.analyses.hierarchical_table` (sets, then queries);
+        ``n_sets``: sets with a defined value. ``flag``: a Rec2FTP flagged in every run,
+        an interval from one set or too few queries
+        (:func:`~icl_lens.analyses.interval_flags`), an interval overlapping a shuffled
+        pairing's (or Rec2FTP's independent baseline's)."""
         first = next(iter(self.runs.values()))
         if not first.values:
             raise ValueError(
@@ -89,6 +92,8 @@ class ComparisonSet:
                     "ci_low": overall["ci_low"],
                     "ci_high": overall["ci_high"],
                     "n_runs": len(self.runs),
+                    "n_sets": int(overall["n_outer"]),
+                    "n_queries": int(overall["n_queries"]),
                 }
             )
         frame = pd.DataFrame(rows)
@@ -98,7 +103,9 @@ class ComparisonSet:
                 notes = {_run_flag(c, row["ft_mode"]) for c in self.runs.values()}
                 if len(notes) == 1 and None not in notes:
                     own[i] = notes.pop()
-        frame["flag"] = analyses.join_flags(own, analyses.indistinguishable(frame))
+        frame["flag"] = analyses.join_flags(
+            own, analyses.interval_flags(frame), analyses.indistinguishable(frame)
+        )
         return frame.drop(columns=["layer", "head"])
 
 
