@@ -171,7 +171,7 @@ def _interval(tree, point, reps, n_queries, shared, confidence):
     return value, low, high, n_outer
 
 
-def _hierarchical(runs, shared_queries, confidence, n_resamples, seed):
+def _hierarchical(runs, shared_queries, confidence, n_resamples, seed, bounds=None):
     if not runs:
         raise ValueError("a hierarchical bootstrap needs at least one run")
     if not 0.0 < confidence < 1.0:
@@ -215,6 +215,9 @@ def _hierarchical(runs, shared_queries, confidence, n_resamples, seed):
         _interval(tree, st[0], st[1:], nq, shared_queries, confidence)
         for st, nq in zip(stats, n_queries, strict=True)
     ]
+    if bounds is not None:  # the true value lies in the metric's range: cutting there
+        lo, hi = bounds  # never excludes it, so the coverage is unchanged
+        levels = [(v, np.clip(low, lo, hi), np.clip(high, lo, hi), n) for v, low, high, n in levels]
     return keys, arrays, levels, n_queries
 
 
@@ -225,6 +228,7 @@ def hierarchical_bootstrap(
     confidence: float = 0.95,
     n_resamples: int = 1000,
     seed: int = 0,
+    bounds: tuple[float, float] | None = None,
 ) -> HierarchicalCI:
     """Nested mean of several runs' per-query values and its interval over the outer
     groups (t) and the shared queries (bootstrap); see the module.
@@ -232,9 +236,13 @@ def hierarchical_bootstrap(
     ``runs``: ``{key: values}``; every key a tuple of labels of the same length (e.g.
     ``(seed, order)``; a bare label counts as a 1-tuple), values ``(n,)``, ``(n, layer)``
     or ``(n, layer, head)`` per-query values (NaN: undefined, skipped), the same trailing
-    shape in every run, and the same ``n`` with ``shared_queries``. Seeded.
+    shape in every run, and the same ``n`` with ``shared_queries``. ``bounds``: the
+    range the metric's values lie in (:data:`~icl_lens.analyses.VALUE_RANGES`), where the
+    interval is cut (a t interval can reach past it). Seeded.
     """
-    keys, arrays, levels, _ = _hierarchical(runs, shared_queries, confidence, n_resamples, seed)
+    keys, arrays, levels, _ = _hierarchical(
+        runs, shared_queries, confidence, n_resamples, seed, bounds
+    )
     value, low, high, n_outer = levels[2]
     return HierarchicalCI(
         value=float(value),
@@ -253,6 +261,7 @@ def hierarchical_table(
     confidence: float = 0.95,
     n_resamples: int = 1000,
     seed: int = 0,
+    bounds: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
     """:func:`hierarchical_bootstrap` at every level, as the rows of
     :func:`~icl_lens.analyses.summary_table`: ``layer, head, value, ci_low, ci_high,
@@ -269,7 +278,9 @@ def hierarchical_table(
     1      0    0.2          4        3
     2      1    0.2          4        3
     """
-    _, arrays, levels, n_q = _hierarchical(runs, shared_queries, confidence, n_resamples, seed)
+    _, arrays, levels, n_q = _hierarchical(
+        runs, shared_queries, confidence, n_resamples, seed, bounds
+    )
     ndim = np.asarray(next(iter(runs.values()))).ndim
     ok = [~np.isnan(a) for a in arrays]
     n_sk = [

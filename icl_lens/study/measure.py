@@ -242,7 +242,11 @@ def control_rows(
             continue
         runs = {(i,): np.asarray(v[key]) for i, v in enumerate(per_draw)}
         table = analyses.hierarchical_table(
-            runs, seed=seed, n_resamples=n_resamples, confidence=confidence
+            runs,
+            seed=seed,
+            n_resamples=n_resamples,
+            confidence=confidence,
+            bounds=analyses.VALUE_RANGES.get(metric),
         )
         table.insert(0, "baseline", CONTROL)
         table.insert(0, "variant", variant)

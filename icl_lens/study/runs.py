@@ -77,7 +77,11 @@ class ComparisonSet:
                 for sub, x in c.values.get(key, {}).items()
             }
             table = analyses.hierarchical_table(
-                runs, seed=seed, n_resamples=n_resamples, confidence=confidence
+                runs,
+                seed=seed,
+                n_resamples=n_resamples,
+                confidence=confidence,
+                bounds=analyses.VALUE_RANGES.get(metric),
             )
             overall = table.iloc[0]
             rows.append(

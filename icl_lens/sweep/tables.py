@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from icl_lens.analyses import FRAME_COLUMNS, aggregate_runs, hierarchical_table
+from icl_lens.analyses import FRAME_COLUMNS, VALUE_RANGES, aggregate_runs, hierarchical_table
 from icl_lens.files import atomic_write_bytes
 from icl_lens.study.comparison import ACCURACY, Comparison
 from icl_lens.sweep.grid import SEED_KEYS, Cell
@@ -148,7 +148,7 @@ def seed_intervals(
                 for sub, x in subs.items():
                     runs.setdefault(row, {})[(*labels, *sub)] = x
         for (metric, variant, baseline, mode), row_runs in runs.items():
-            table = hierarchical_table(row_runs)
+            table = hierarchical_table(row_runs, bounds=VALUE_RANGES.get(metric))
             table = table[table["head"] == -1]  # values.npz keeps heads averaged
             for _, t in table.iterrows():
                 found.append(
