@@ -178,7 +178,7 @@ def test_the_aggregate_is_the_mean_over_seeds(debug_sweep):
 def test_the_aggregate_interval_is_the_hierarchical_bootstrap_over_seeds(debug_sweep):
     """Each aggregate row's interval: demonstration sets (the cells' seeds), then queries,
     from the values.npz every cell's run wrote; per-head rows have none."""
-    from icl_lens.analyses import hierarchical_table
+    from icl_lens.analyses import VALUE_RANGES, hierarchical_table
 
     out, _, _ = debug_sweep
     summary = pd.read_parquet(out / "summary.parquet")
@@ -189,7 +189,7 @@ def test_the_aggregate_interval_is_the_hierarchical_bootstrap_over_seeds(debug_s
         for _, cell in cells.iterrows():
             (path,) = (out / "cells").glob(f"*-{cell['cell']}/values.npz")
             runs[(cell["seed"],)] = Comparison.load_values(path)[row][()]
-        expected = hierarchical_table(runs).iloc[0]
+        expected = hierarchical_table(runs, bounds=VALUE_RANGES["simaou"]).iloc[0]
         got = aggregate[aggregate["shots"] == shots].query(
             "metric == 'simaou' and variant == 'normalised' and baseline == 'none' "
             "and layer == -1 and head == -1"

@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from icl_lens.analyses import FRAME_COLUMNS, VALUE_RANGES, aggregate_runs, hierarchical_table
+from icl_lens.analyses import (
+    FRAME_COLUMNS,
+    VALUE_RANGES,
+    aggregate_runs,
+    hierarchical_table,
+    indistinguishable,
+    interval_flags,
+    join_flags,
+)
 from icl_lens.files import atomic_write_bytes
 from icl_lens.study.comparison import ACCURACY, Comparison
 from icl_lens.sweep.grid import SEED_KEYS, Cell
@@ -162,11 +170,15 @@ def seed_intervals(
                         "ft_mode": mode,
                         "ci_low": t["ci_low"],
                         "ci_high": t["ci_high"],
+                        "n_sets": int(t["n_outer"]),
+                        "n_queries": int(t["n_queries"]),
                     }
                 )
     if not found:
         out["ci_low"] = np.nan
         out["ci_high"] = np.nan
+        out["n_sets"] = 0
+        out["n_queries"] = 0
         return out
     intervals = pd.DataFrame(found)
     for col in keys:  # the summary's types (text for mixed values)
@@ -180,11 +192,14 @@ def aggregate_frame(root: str | Path, summary: pd.DataFrame, grid_keys: Sequence
     keys = [k for k in grid_keys if k not in SEED_KEYS]
     over = [k for k in grid_keys if k in SEED_KEYS] or ["cell"]
     by = [*keys, *ROW_KEYS]
-    columns = [*by, "mean", "std", "min", "max", "n", "ci_low", "ci_high"]
+    columns = [*by, "mean", "std", "min", "max", "n", "ci_low", "ci_high", "n_sets", "flag"]
     if summary.empty:
         return pd.DataFrame(columns=columns)
     agg = aggregate_runs(summary, over=over, by=by)
     agg = agg.merge(seed_intervals(root, summary, by, over), on=by, how="left")
+    # as a single run's table and ComparisonSet.table(): an interval that cannot hold
+    # (one set, few queries) or that overlaps a shuffled pairing's is said so
+    agg["flag"] = join_flags(interval_flags(agg), indistinguishable(agg, by=[*keys, "ft_mode"]))
     return agg[columns]
 
 
