@@ -6,6 +6,7 @@ TransformerLens line is installed."""
 
 import doctest
 import importlib
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -313,3 +314,27 @@ def test_docstring_examples_run(name):
     module = importlib.import_module("icl_lens.hooks." + name)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_prefix_runner_hooks_on_the_first_call_keep_the_cache():
+    """Hooks given on a runner's first call must not take part in the cache check (it
+    compares against a hook-free full forward): the cache stays, and the hooks act."""
+    a = il.adapt(make_model("llama")[0])
+    tok = make_tokenizer()
+    prompt = il.build_prompt(tok, DEMOS, QUERIES[0], separator=" \n")
+    queries = [torch.tensor(il.data.prompts.encode(tok, t)) for t in QUERIES]
+    lp = [[len(q) - 1] for q in queries]
+    width = max(len(q) for q in queries)
+
+    def add_one_at_the_queries(x, hook=None):  # the query rows on either path
+        return torch.cat([x[:, :-width], x[:, -width:] + 1.0], dim=1)
+
+    shift = [(a.name(0, "attn_out"), add_one_at_the_queries)]
+    runner = il.PrefixRunner(a, prompt.prefix)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would be a failure
+        got = runner.run(queries, logit_positions=lp, hooks=shift).logits
+    assert runner.path == "cache"
+    full = il.PrefixRunner(a, prompt.prefix, reuse=False)
+    assert _gap(got, full.run(queries, logit_positions=lp, hooks=shift).logits) <= TOL
+    assert _gap(got, full.run(queries, logit_positions=lp).logits) > BROKEN
