@@ -126,11 +126,15 @@ class InterventionRunner:
         pairs = [(i, j) for i in range(len(queries)) for j in range(len(interventions))]
         out = torch.empty(len(queries), len(interventions), a.d_vocab)
         chunks = range(0, len(pairs), batch_size)
+        made: dict[tuple[int, ...], list] = {}  # batches of the same interventions share hooks
         for start in tqdm(chunks, desc="interventions", disable=not progress):
             rows = pairs[start : start + batch_size]
-            specs = [interventions[j] for _, j in rows]
+            which = tuple(j for _, j in rows)
+            if which not in made:
+                specs = [interventions[j] for j in which]
+                made[which] = InterventionHooks(a, specs, demo).hooks()
+            own = made[which]
             qs = [queries[i] for i, _ in rows]
-            own = InterventionHooks(a, specs, demo).hooks()
             got = self.prefix_runner.run(
                 qs, logit_positions=[[len(q) - 1] for q in qs], hooks=own + list(hooks)
             )

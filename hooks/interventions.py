@@ -63,7 +63,7 @@ Heads = Literal["all"] | Bool[Tensor, "layer head"] | Iterable[tuple[int, int]]
 Form = Literal["linear", "fitted", "softmax"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Intervention:
     """What each head reads from the demonstrations at the query positions.
 
@@ -206,7 +206,7 @@ def transplant(
     return Intervention(full, mask, softmax, scale, f"transplant({_label(mask)}, {form})")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DemoKV:
     """The demonstrations' keys and values (post-QK-norm, post-rotary keys, as the model
     computed them in the ICL prefix), expanded to query heads, per layer."""
@@ -252,10 +252,18 @@ class InterventionHooks:
         self.moved = torch.stack([x.transplant for x in interventions])
         self.soft = torch.stack([x.softmax for x in interventions])
         self.scale = torch.stack([x.linear_scale for x in interventions])
+        linear = self.moved & ~self.soft
+        self.linear_layers = linear.any(-1).any(0).tolist()
+        self.softmax_layers = self.soft.any(-1).any(0).tolist()
+        rows = self.moved.any(-1)  # row layer
+        self.only_softmax = [  # every head of the transplanted rows takes the softmax form
+            bool(self.soft[rows[:, layer], layer].all()) and self.softmax_layers[layer]
+            for layer in range(adapter.n_layers)
+        ]
         self._q: dict[int, Tensor] = {}
         self._rot: dict[tuple[str, int], Tensor] = {}
         self._scores: dict[int, Tensor] = {}
-        self._on_device: dict[tuple[str, int], Tensor] = {}
+        self._on_device: dict[tuple, Tensor] = {}
 
     def hooks(self) -> list[tuple[str, HookFn]]:
         a, pairs = self.adapter, []
@@ -273,18 +281,31 @@ class InterventionHooks:
         return pairs
 
     def _plan(self, what: str, layer: int, device) -> Tensor:
-        """Per-layer tensors of the plan, moved to the layer's device once."""
+        """Per-layer tensors of the plan, moved to the layer's device once (a runner
+        reuses the hooks for every batch of the same interventions)."""
         key = (what, layer)
         if key not in self._on_device:
             rows = self.moved[:, layer].any(-1).nonzero()[:, 0]
             table = {
-                "knock": lambda: self.knock[:, layer, :, None, None],  # row head 1 1
                 "rows": lambda: rows,
                 "scale": lambda: self.scale[rows, layer][:, None, :, None],  # row 1 head 1
                 "soft": lambda: self.soft[rows, layer][:, None, :, None],
                 "demo": lambda: self.demo.positions,
             }
             self._on_device[key] = table[what]().to(device)
+        return self._on_device[key]
+
+    def _cut(self, layer: int, shape: torch.Size, first: int, device) -> Tensor:
+        """Where a knockout masks the scores: the knocked-out heads' demonstration keys,
+        from the query rows (``first`` on); one mask per batch shape."""
+        key = ("cut", layer, tuple(shape), first)
+        if key not in self._on_device:
+            batch, heads, n_rows, n_keys = shape
+            cut = torch.zeros(batch, heads, 1, n_keys, dtype=torch.bool)
+            cut[..., self.demo.positions] = self.knock[:, layer, :, None, None]
+            if first:
+                cut = cut & (torch.arange(n_rows) >= first)[None, None, :, None]
+            self._on_device[key] = cut.to(device)
         return self._on_device[key]
 
     # ---- hooks ------------------------------------------------------------------
@@ -316,12 +337,8 @@ class InterventionHooks:
                 self._scores[layer] = scores[:, :, first:]
             if not knocks:
                 return None
-            cols = self._plan("demo", layer, scores.device)
-            out = scores.clone()
-            query = out[:, :, first:, cols]  # a copy (advanced indexing)
-            cut = self._plan("knock", layer, scores.device).expand_as(query)
-            out[:, :, first:, cols] = query.masked_fill(cut, torch.finfo(scores.dtype).min)
-            return out
+            cut = self._cut(layer, scores.shape, first, scores.device)
+            return scores.masked_fill(cut, torch.finfo(scores.dtype).min)
 
         return hook
 
@@ -362,18 +379,19 @@ class InterventionHooks:
         # them (-inf on TransformerLens 3, the dtype's most negative number on the bridge)
         visible = demo_scores > torch.finfo(scores.dtype).min / 2  # row head pos demo
         key_dot_query = torch.einsum("rthd,nhd->rhtn", q.float(), k) * visible
-        zf = z.float()
-        linear = torch.einsum("rhtn,nhd->rthd", key_dot_query, v)
-        out = zf + self._plan("scale", layer, device) * linear
-        soft = self._plan("soft", layer, device)
-        if bool(soft.any()):
+        zf = out = z.float()
+        if self.linear_layers[layer]:
+            linear = torch.einsum("rhtn,nhd->rthd", key_dot_query, v)
+            out = zf + self._plan("scale", layer, device) * linear
+        if self.softmax_layers[layer]:
+            # the softmax over the model's own query-side scores and, on the demonstration
+            # keys, scale * q . k: its demonstration weights are alpha softmax_D
             s_demo = self.adapter.score_scale(layer) * key_dot_query
             s_demo = s_demo.masked_fill(~visible, float("-inf"))
-            # the query side: the model's own scores with the demonstration keys masked
-            s_query = scores.float().index_fill(-1, cols, float("-inf"))
-            lse_demo, lse_query = torch.logsumexp(s_demo, -1), torch.logsumexp(s_query, -1)
-            alpha = torch.sigmoid(lse_demo - lse_query).nan_to_num(0.0)  # row head pos
-            z_demo = torch.einsum("rhtn,nhd->rthd", torch.softmax(s_demo, -1).nan_to_num(0.0), v)
-            mixed = zf + alpha.transpose(1, 2)[..., None] * (z_demo - zf)
-            out = torch.where(soft, mixed, out)
+            every = scores.float().index_copy(-1, cols, s_demo)
+            weights = torch.exp(s_demo - torch.logsumexp(every, -1, keepdim=True))
+            alpha = weights.sum(-1).transpose(1, 2)[..., None]  # row pos head 1
+            mixed = zf * (1 - alpha) + torch.einsum("rhtn,nhd->rthd", weights, v)
+            soft = self._plan("soft", layer, device)
+            out = mixed if self.only_softmax[layer] else torch.where(soft, mixed, out)
         return out

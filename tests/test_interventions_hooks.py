@@ -102,6 +102,24 @@ def test_softmax_transplant_with_another_layers_demonstrations_breaks_the_identi
     assert _gap(_run_hooks(runner, queries, rows, _wrong_layers(demo)), icl) > BROKEN
 
 
+def test_softmax_transplant_of_any_heads_equals_restoring_them(setup):
+    """Transplant(H, softmax) == Restore(H) for every single head, one layer's heads and a
+    random set (the heads outside H stay Blind in both); negative control: restoring the
+    next head instead."""
+    _, a, prompt, queries = setup
+    g = torch.Generator().manual_seed(0)
+    sets = [[h] for h in iv.all_heads(a)]
+    sets.append([(1, h) for h in range(a.n_heads)])
+    sets.append([h for h in iv.all_heads(a) if torch.rand(1, generator=g) < 0.5])
+    rows = [iv.transplant(a, h, "softmax") for h in sets] + [iv.restore(a, h) for h in sets]
+    out = _runner(a, prompt).run(queries, rows, batch_size=16).logits
+    n = len(sets)
+    for j, heads in enumerate(sets):
+        assert _gap(out[:, j], out[:, n + j]) <= TOL, heads
+    for j in range(len(iv.all_heads(a)) - 1):
+        assert _gap(out[:, j], out[:, n + j + 1]) > BROKEN
+
+
 def test_knockout_all_blind_and_restore_none_agree(setup):
     _, a, prompt, queries = setup
     out = _runner(a, prompt).run(queries, [iv.blind(a), iv.knockout(a, "all"), iv.restore(a, [])])
@@ -309,10 +327,21 @@ def test_bad_interventions_are_refused_early():
         runner.run([prompt.tokens[prompt.query_start :]], [iv.blind(other)])
 
 
+class _QuietChecker(doctest.OutputChecker):
+    """TransformerLens 3 prints where it moves a model it builds: not the example's output."""
+
+    def check_output(self, want, got, optionflags):
+        got = "".join(x for x in got.splitlines(True) if not x.startswith("Moving model to"))
+        return super().check_output(want, got, optionflags)
+
+
 @pytest.mark.parametrize("name", ["interventions", "intervention_runner"])
 def test_docstring_examples_run(name):
     module = importlib.import_module("icl_lens.hooks." + name)
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner = doctest.DocTestRunner(_QuietChecker(), optionflags=doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder().find(module):
+        runner.run(test)
+    result = runner.summarize(verbose=False)
     assert result.failed == 0 and result.attempted > 0
 
 
