@@ -34,7 +34,7 @@ from icl_lens.hooks.logits import logit_hook
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from icl_lens.model.adapter import ModelAdapter, masked_as_neginf
+from icl_lens.model.adapter import HookFn, ModelAdapter, masked_as_neginf
 
 TOLERANCE = 1e-4
 
@@ -91,11 +91,16 @@ class PrefixRunner:
         what: Iterable[str] = (),
         layers: Iterable[int] | None = None,
         logit_positions: Sequence[Sequence[int]] | None = None,
+        hooks: Sequence[tuple[str, HookFn]] = (),
     ) -> BatchResult:
         """Forward ``prefix + query`` for each query; capture ``what`` at ``positions``
         (query-relative indices, default: each query's last token). ``logit_positions``
         (query-relative, the same number per query) limits the logits to those
-        positions; default: every query position."""
+        positions; default: every query position. ``hooks`` (``(name, fn)`` pairs) are
+        added to the forward, after the capture's: they see the queries alone after the
+        cached prefix, or ``prefix + query`` where the runner falls back to full
+        forwards. The cache is verified without them first (they may change what the
+        check compares)."""
         a = self.adapter
         a.check_token_ids(self.prefix, "the prefix (BOS and demonstrations)")
         for q in queries:
@@ -112,7 +117,10 @@ class PrefixRunner:
         pos = _positions(queries, positions)
         lpos = None if logit_positions is None else _positions(queries, logit_positions)
         what = frozenset(what)
+        if hooks and self.path == "cache" and not self._verified:
+            self.run(queries[:1])
         capture = Capture(a, what=what, layers=layers)
+        hooks = list(hooks)
         tokens, lengths = pad_right([q.long() for q in queries], pad_id=self._pad_id())
         if self.path == "cache":
             try:
@@ -121,13 +129,13 @@ class PrefixRunner:
                     first = (tokens[:1, : int(lengths[0])], lengths[:1], pos[:1])
                     lfirst = None if lpos is None else lpos[:1]
                     reference = self._reference_and_state(capture, *first, lfirst)
-                result = self._run_cached(capture, tokens, lengths, pos, lpos)
+                result = self._run_cached(capture, tokens, lengths, pos, lpos, hooks)
             except Exception as error:  # a model whose cache cannot be driven this way
                 self._fall_back(f"the cached forward failed ({type(error).__name__}: {error})")
             else:
                 if self._verified or self._matches(result, reference, lengths, lpos):
                     return result
-        return self._run_full(capture, tokens, lengths, pos, lpos)
+        return self._run_full(capture, tokens, lengths, pos, lpos, hooks)
 
     # ---- paths ------------------------------------------------------------------
     def _pad_id(self) -> int:
@@ -139,7 +147,7 @@ class PrefixRunner:
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return torch.cat([torch.ones(len(lengths), offset, dtype=torch.long), mask], dim=1)
 
-    def _run_full(self, capture, tokens, lengths, pos, lpos) -> BatchResult:
+    def _run_full(self, capture, tokens, lengths, pos, lpos, extra=()) -> BatchResult:
         a, n_prefix = self.adapter, len(self.prefix)
         full = torch.cat([self.prefix.expand(len(tokens), -1), tokens], dim=1)
         mask = self._mask(lengths, tokens.shape[1], n_prefix)
@@ -147,7 +155,7 @@ class PrefixRunner:
         keep = (pos + n_prefix).to(device)
         hooks = capture.hooks(keep)
         lhook = logit_hook(None if lpos is None else (lpos + n_prefix).to(device))
-        hooks += [lhook] if lhook else []
+        hooks += ([lhook] if lhook else []) + list(extra)
         capture.values.clear()
         with a.inference():
             logits = a.forward(full.to(device), fwd_hooks=hooks, attention_mask=mask.to(device))
@@ -190,7 +198,7 @@ class PrefixRunner:
         self._prefix_what = frozenset(need)
         return BatchResult(logits, values, lengths)
 
-    def _run_cached(self, capture, tokens, lengths, pos, lpos) -> BatchResult:
+    def _run_cached(self, capture, tokens, lengths, pos, lpos, extra=()) -> BatchResult:
         a, n_prefix = self.adapter, len(self.prefix)
         self._ensure_state(capture.what)
         mask = self._mask(lengths, tokens.shape[1], n_prefix)
@@ -198,7 +206,14 @@ class PrefixRunner:
         lkeep = None if lpos is None else lpos.to(device)
         with a.inference():
             logits = _forward_after_prefix(
-                a, self._state, capture, tokens.to(device), pos.to(device), mask.to(device), lkeep
+                a,
+                self._state,
+                capture,
+                tokens.to(device),
+                pos.to(device),
+                mask.to(device),
+                lkeep,
+                extra,
             )
         values = dict(capture.values)
         for (what, layer), x in list(values.items()):
@@ -354,12 +369,12 @@ def _prefix_cache_class():
 
 
 def _forward_after_prefix(
-    adapter, state, capture: Capture, tokens, pos, mask, logit_positions=None
+    adapter, state, capture: Capture, tokens, pos, mask, logit_positions=None, extra=()
 ) -> Tensor:
     model, batch = adapter.model, len(tokens)
     hooks = capture.hooks(pos)
     lhook = logit_hook(logit_positions)
-    hooks += [lhook] if lhook else []
+    hooks += ([lhook] if lhook else []) + list(extra)
     if adapter.line == "bridge":
         cache = _prefix_cache_class()(state)
         with model.hooks(fwd_hooks=hooks), _cache_kwarg_renamed():
