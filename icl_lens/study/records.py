@@ -54,7 +54,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from icl_lens.hooks.prefix import PrefixRunner
-from icl_lens.model.adapter import adapt, masked_as_neginf
+from icl_lens.model.adapter import adapt
 from icl_lens.study.predict import LabelTokens, Predictions, complete_scores, first_token_scores
 
 __all__ = ["PROTOCOLS", "Protocol", "Records", "record"]
@@ -161,8 +161,8 @@ def record(
         q_vecs.append(
             torch.stack([v["q", la][:, 0] for la in layers], dim=1)[: max(0, keep - start)]
         )
-        scores = torch.stack([v["scores", la][:, 0] for la in layers], dim=1)  # b l h key
-        scores = masked_as_neginf(scores)
+        # b l h key; -inf where the model masked, read from its mask in the model's dtype
+        scores = torch.stack([v["scores", la][:, 0] for la in layers], dim=1)
         for b, p in enumerate(pos):
             keep_bos = protocol != "dai2023"
             query_scores.append(_query_side(scores[b], n_prefix, p, bos=keep_bos).clone())
