@@ -18,7 +18,8 @@ right shapes works, including recordings from a randomly initialised model (the
 ``results_frame(*results)`` one tidy frame from several results
 ``with_head_labels(frame)`` adds ``head_label``: ``L{layer}H{head}``, ``L{layer}``, ``all``
 ``rec2ftp_flag``,           when a value cannot speak (:mod:`.flags`)
-``indistinguishable``
+``indistinguishable``,
+``undefined_notes``
 ==========================  ===================================================
 
 Conventions shared by every result:
@@ -27,7 +28,9 @@ Conventions shared by every result:
   ``(n, layer, head)``), with the same shape for every baseline
   (``baseline_values``). NaN marks an undefined value (a zero update vector, a
   constant ranking, a query outside Rec2FTP's denominator): it is skipped by every
-  mean and counted (``n_skipped``), never averaged in.
+  mean and counted (``n_skipped``), never averaged in. Where the metric knows why
+  (a layer that sees no demonstration token, k not below the items),
+  ``MetricResult.undefined`` says so and ``undefined_notes`` writes it beside each row.
 - Summary value: mean over queries per cell, then over heads, then over layers (the
   paper's order). ``ci`` is a seeded percentile bootstrap over queries (95%).
 - ``to_frame()`` is long and tidy, one row per (metric, variant, baseline, layer,
@@ -68,7 +71,7 @@ from . import kendall as _kendall
 from . import simam as _simam
 from . import simaou as _simaou
 from . import topk_recall as _topk_recall
-from .flags import indistinguishable, join_flags, rec2ftp_flag
+from .flags import indistinguishable, join_flags, rec2ftp_flag, undefined_notes
 from .hierarchical import HierarchicalCI, hierarchical_bootstrap, hierarchical_table
 from .kendall import kendall
 from .rec2ftp import Rec2FTPResult, rec2ftp
@@ -136,4 +139,5 @@ __all__ = [
     "summary_table",
     "with_head_labels",
     "topk_recall",
+    "undefined_notes",
 ]

@@ -34,6 +34,14 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
         ) from err
 
 
+NO_DEMONSTRATION_SEEN = (
+    "the layer sees no demonstration token from the recorded position (all outside its "
+    "sliding window)"
+)
+"""Why a token-level value (Kendall, top-k recall) is undefined on a sliding-window layer
+whose window, from the recorded position, holds only query tokens."""
+
+
 def check_finite(x: np.ndarray, name: str) -> None:
     if not np.all(np.isfinite(x)):
         raise ValueError(

@@ -169,6 +169,10 @@ def measure(
     Token scores for Kendall and top-k: ``tokens=(a, b)``, aligned (:func:`token_scores`),
     or FT's ``train_queries`` against all of ICL's demonstration tokens. ``groups``:
     tokens per demonstration, for top-k recall at the example level.
+
+    The frame's ``flag`` column says why values were left out (:func:`~icl_lens.analyses.
+    undefined_notes`): a layer that sees no demonstration token, a top-k with k not
+    below the items.
     """
     n = len(zsl.gold)
     n_heads = zsl.q.shape[2]
@@ -206,6 +210,8 @@ def measure(
         ),
     }
     frame = analyses.results_frame(*results.values())
+    notes = analyses.undefined_notes(*results.values()).to_numpy()
+    frame["flag"] = pd.Series(notes, index=frame.index, dtype=object)
     return Measurement(results, frame)
 
 
@@ -312,17 +318,19 @@ def mean_accuracy(draws: list[dict]) -> dict[str, float]:
 
 def flagged_frame(frames, rec2ftp_results) -> pd.DataFrame:
     """All rows with their FT mode, and the ``flag`` column: Rec2FTP's own reason where it
-    cannot speak, and overlap with a shuffled pairing or independent baseline."""
+    cannot speak, why values were left out (the parts' own ``flag``, from :func:`measure`),
+    and overlap with a shuffled pairing or independent baseline."""
     parts = []
     for mode, mode_parts in frames:
         f = pd.concat(mode_parts, ignore_index=True)
+        notes = f.pop("flag") if "flag" in f else pd.Series(None, index=f.index, dtype=object)
         f["ft_mode"] = mode
         note = analyses.rec2ftp_flag(rec2ftp_results[mode])
         own = pd.Series([None] * len(f), index=f.index, dtype=object)
         if note:
             mask = (f["metric"] == "rec2ftp") & (f["baseline"] == analyses.OBSERVED)
             own[mask] = note
-        f["flag"] = analyses.join_flags(own, analyses.indistinguishable(f))
+        f["flag"] = analyses.join_flags(own, notes, analyses.indistinguishable(f))
         parts.append(f)
     frame = pd.concat(parts, ignore_index=True)
     flags = [x if isinstance(x, str) else None for x in frame["flag"]]
