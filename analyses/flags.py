@@ -9,8 +9,8 @@
   pairing (or Rec2FTP's independent baseline) is not distinguishable from what
   unrelated queries or heads give.
 - :func:`undefined_notes`: why a metric's values were left out (NaN), per row: a layer
-  that sees no demonstration token, a top-k with k not below the items (the reasons
-  each metric records in ``MetricResult.undefined``).
+  that sees no demonstration token, a top-k with k not below the items, a change at
+  rounding level (the reasons each metric records in ``MetricResult.undefined``).
 
 >>> import pandas as pd
 >>> frame = pd.DataFrame({

@@ -68,7 +68,9 @@ class Records:
     """Recordings of one setting (ZSL, ICL or FT) on ``n`` validation queries.
 
     ``positions`` are query-relative (0 = the query's first token). ``prefix_length`` is
-    1 for ZSL/FT (BOS) and 1 + the demonstration tokens for ICL.
+    1 for ZSL/FT (BOS) and 1 + the demonstration tokens for ICL. ``dtype``: the one the
+    model computed in (the tensors here are float32): it sets the rounding level below
+    which two settings' recordings do not differ (:func:`icl_lens.analyses.rounding_level`).
     """
 
     attn_out: Float[Tensor, "n layer d_model"]
@@ -80,6 +82,7 @@ class Records:
     positions: Int[Tensor, " n"]
     prefix_length: int
     protocol: str = "prediction"
+    dtype: str = "float32"
 
     @property
     def predictions(self) -> Predictions:
@@ -186,4 +189,5 @@ def record(
         positions=torch.tensor(positions, dtype=torch.long),
         prefix_length=n_prefix,
         protocol=protocol,
+        dtype=str(adapter.dtype).removeprefix("torch."),
     )
