@@ -17,9 +17,11 @@ right shapes works, including recordings from a randomly initialised model (the
 ``aggregate_runs(frames)``  mean / std / min / max / n over seeds or demo orders
 ``results_frame(*results)`` one tidy frame from several results
 ``with_head_labels(frame)`` adds ``head_label``: ``L{layer}H{head}``, ``L{layer}``, ``all``
+``rounding_level(eps, pos)`` below it a difference is rounding, not change (SimAM, SimAOU)
 ``rec2ftp_flag``,           when a value cannot speak (:mod:`.flags`)
 ``indistinguishable``,
-``interval_flags``
+``interval_flags``,
+``undefined_notes``
 ==========================  ===================================================
 
 Conventions shared by every result:
@@ -28,7 +30,10 @@ Conventions shared by every result:
   ``(n, layer, head)``), with the same shape for every baseline
   (``baseline_values``). NaN marks an undefined value (a zero update vector, a
   constant ranking, a query outside Rec2FTP's denominator): it is skipped by every
-  mean and counted (``n_skipped``), never averaged in.
+  mean and counted (``n_skipped``), never averaged in. Where the metric knows why
+  (a layer that sees no demonstration token, k not below the items, a change at
+  rounding level), ``MetricResult.undefined`` says so and ``undefined_notes`` writes
+  it beside each row.
 - Summary value: mean over queries per cell, then over heads, then over layers (the
   paper's order). ``ci`` is a seeded percentile bootstrap over queries (95%).
 - ``to_frame()`` is long and tidy, one row per (metric, variant, baseline, layer,
@@ -69,7 +74,15 @@ from . import kendall as _kendall
 from . import simam as _simam
 from . import simaou as _simaou
 from . import topk_recall as _topk_recall
-from .flags import MIN_QUERIES, indistinguishable, interval_flags, join_flags, rec2ftp_flag
+from ._common import ROUNDING_ULPS, rounding_level
+from .flags import (
+    MIN_QUERIES,
+    indistinguishable,
+    interval_flags,
+    join_flags,
+    rec2ftp_flag,
+    undefined_notes,
+)
 from .hierarchical import HierarchicalCI, hierarchical_bootstrap, hierarchical_table
 from .kendall import kendall
 from .rec2ftp import Rec2FTPResult, rec2ftp
@@ -116,6 +129,7 @@ __all__ = [
     "VALUE_RANGES",
     "MIN_QUERIES",
     "OBSERVED",
+    "ROUNDING_ULPS",
     "STAT_COLUMNS",
     "HierarchicalCI",
     "MetricResult",
@@ -136,9 +150,11 @@ __all__ = [
     "rec2ftp",
     "rec2ftp_flag",
     "results_frame",
+    "rounding_level",
     "simam",
     "simaou",
     "summary_table",
     "with_head_labels",
     "topk_recall",
+    "undefined_notes",
 ]

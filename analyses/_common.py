@@ -34,6 +34,91 @@ def to_numpy(x: Any, name: str) -> np.ndarray:
         ) from err
 
 
+NO_DEMONSTRATION_SEEN = (
+    "the layer sees no demonstration token from the recorded position (all outside its "
+    "sliding window)"
+)
+"""Why a token-level value (Kendall, top-k recall) is undefined on a sliding-window layer
+whose window, from the recorded position, holds only query tokens."""
+
+
+ROUNDING_ULPS = 16
+"""Units in the last place (of the recording's dtype) within which two recordings are the
+same value: :func:`rounding_level`."""
+
+ROUNDING_NOTE = (
+    "no change beyond rounding: the difference from ZSL is within the recorded values' "
+    "rounding level, so its direction is noise"
+)
+"""Why a value built on differences (SimAM ``changes``, SimAOU) is undefined."""
+
+_ANGLE_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def rounding_level(eps: float, position: Any = 0) -> Any:
+    """The relative size below which a difference of two recordings is rounding, not a
+    change: ``ROUNDING_ULPS * eps + 2 * position * eps_float32``.
+
+    ``eps``: the machine epsilon of the dtype the model computed in (float32 1.2e-7,
+    bfloat16 7.8e-3, float16 9.8e-4); ``position``: the furthest absolute position of
+    the recorded token in the two settings (one number or an array, e.g. per query).
+
+    Why these two terms: the same query at another position (ZSL: after BOS; ICL: after
+    the demonstrations) is computed with other roundings. Each value is rounded to half
+    an ulp and a vector sums several such errors; and rotary angles ``position *
+    frequency`` are computed in float32 in every dtype (transformers and TransformerLens
+    alike), rounded to half an ulp of a number up to ``position``, so q and k each turn
+    by up to ``position * eps_float32`` and a score moves by up to twice that of its
+    scale. Measured at layer 0 of a random-init Gemma 3, where ICL cannot change the
+    scores to the query's own tokens (nor the output of a query whose window holds no
+    demonstration): in bfloat16 and float16 at most 2.6 ulps, against 16; in float32 5-30
+    ulps, growing with the position (up to token 113), against 82-242. The real Gemma 3
+    270M, 40 demonstrations (tokens 770-790, BOS outside layer 0's 512-token window): 7-54
+    float32 ulps per head at layer 0, against 1588; layers 1 and 5 change by 0.09-0.83 of
+    the scores' norm (8e5-7e6 ulps), a change of another order.
+
+    >>> rounding_level(2.0**-7) / 2.0**-7               # bfloat16, no position: 16 ulps
+    16.0
+    >>> round(rounding_level(2.0**-23, 500) / 2.0**-23)  # float32 at token 500
+    1016
+    """
+    level = ROUNDING_ULPS * eps + 2.0 * np.asarray(position, dtype=np.float64) * _ANGLE_EPS
+    return float(level) if level.ndim == 0 else level
+
+
+def input_eps(*xs: Any) -> float:
+    """The machine epsilon of the least precise floating dtype among the inputs (tensors,
+    arrays, or lists of them); float64's for anything else."""
+    eps = [float(np.finfo(np.float64).eps)]
+    for x in xs:
+        first = x[0] if isinstance(x, list | tuple) and x else x
+        dtype = getattr(first, "dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            eps.append(float(torch.finfo(dtype).eps))
+        elif dtype is not None and np.issubdtype(dtype, np.floating):
+            eps.append(float(np.finfo(dtype).eps))
+    return max(eps)
+
+
+def per_query_rounding(rounding: Any, n: int, *inputs: Any) -> np.ndarray:
+    """``rounding`` (one relative level or one per query; None: :func:`rounding_level` of
+    the inputs' dtype) as ``(n,)`` float64."""
+    if rounding is None:
+        rounding = rounding_level(input_eps(*inputs))
+    level = np.broadcast_to(np.asarray(rounding, dtype=np.float64), (n,))
+    if not np.all(level >= 0):
+        raise ValueError(f"rounding must be >= 0 (a relative level), got {rounding!r}")
+    return level
+
+
+def within_rounding(x: np.ndarray, y: np.ndarray, level: Any) -> np.ndarray:
+    """Along the last axis: ``|x - y| <= level * max(|x|, |y|)`` (Euclidean norms), i.e.
+    ``x`` and ``y`` are the same recording up to rounding (two zero vectors too)."""
+    diff = np.linalg.norm(x - y, axis=-1)
+    scale = np.maximum(np.linalg.norm(x, axis=-1), np.linalg.norm(y, axis=-1))
+    return diff <= level * scale
+
+
 def check_finite(x: np.ndarray, name: str) -> None:
     if not np.all(np.isfinite(x)):
         raise ValueError(

@@ -10,6 +10,9 @@
   unrelated queries or heads give.
 - :func:`interval_flags`: an interval that does not cover what it claims to: from fewer
   than :data:`MIN_QUERIES` queries, or over runs from a single demonstration set.
+- :func:`undefined_notes`: why a metric's values were left out (NaN), per row: a layer
+  that sees no demonstration token, a top-k with k not below the items, a change at
+  rounding level (the reasons each metric records in ``MetricResult.undefined``).
 
 >>> import pandas as pd
 >>> frame = pd.DataFrame({
@@ -23,11 +26,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .rec2ftp import Rec2FTPResult
-from .result import OBSERVED
+from .result import OBSERVED, MetricResult
+from .summary import ALL
 
 __all__ = [
     "MIN_QUERIES",
@@ -36,6 +42,7 @@ __all__ = [
     "interval_flags",
     "join_flags",
     "rec2ftp_flag",
+    "undefined_notes",
 ]
 
 NULL_BASELINES = ("shuffled_queries", "shuffled_heads", "independent")
@@ -152,3 +159,69 @@ def join_flags(*flags: pd.Series) -> pd.Series:
     frame = pd.concat(flags, axis=1)
     texts = ["; ".join(x for x in row if isinstance(x, str) and x) or None for row in frame.values]
     return pd.Series(texts, index=frame.index, dtype=object)
+
+
+def _metric_results(result: Any) -> list[MetricResult]:
+    """The :class:`MetricResult` s behind a result, in its ``to_frame()`` row order."""
+    result = getattr(result, "result", result)  # Rec2FTPResult wraps one
+    variants = getattr(result, "variants", None)
+    return list(variants.values()) if variants else [result]
+
+
+def _note(marked: np.ndarray, reason: str, whole_layer_rows: bool) -> str | None:
+    """The note of one row whose values (``(n, layer, head)`` scope) ``marked`` leaves out."""
+    count, total = int(marked.sum()), marked.size
+    if count == 0:
+        return None
+    if count == total:
+        return f"undefined: {reason}"
+    if whole_layer_rows:
+        out = [layer for layer in range(marked.shape[1]) if marked[:, layer].all()]
+        if out:
+            others = total - sum(marked[:, layer].size for layer in out)
+            rest = count - (total - others)
+            names = ", ".join(map(str, out))
+            more = f"; {rest} of the other layers' {others} values too" if rest else ""
+            return (
+                f"layer{'s' if len(out) > 1 else ''} {names} left out of the mean{more}: {reason}"
+            )
+    return f"{count} of {total} values left out: {reason}"
+
+
+def undefined_notes(*results: Any) -> pd.Series:
+    """Per row of :func:`~icl_lens.analyses.results_frame` of ``results``: on an observed
+    row, why some of its values are undefined and left out (``"undefined: ..."`` where all
+    are; which layers left the overall mean; how many values otherwise), from the reasons
+    each metric recorded; None elsewhere.
+
+    >>> from icl_lens.analyses import topk_recall
+    >>> scores = [np.array([[1.0, 2.0, 3.0], [-np.inf, -np.inf, -np.inf]])]  # 2 layers
+    >>> notes = undefined_notes(topk_recall(scores, scores, k=1))
+    >>> [n for n in notes if n]      # doctest: +NORMALIZE_WHITESPACE
+    ['layer 1 left out of the mean: the layer sees no demonstration token from the
+      recorded position (all outside its sliding window)',
+     'undefined: the layer sees no demonstration token from the recorded position (all
+      outside its sliding window)']
+    """
+    notes: list[str | None] = []
+    for result in results:
+        for r in _metric_results(result):
+            frame = r.to_frame()
+            marks = {reason: _as_3d(mask) for reason, mask in r.undefined.items()}
+            for baseline, layer, head in zip(
+                frame["baseline"], frame["layer"], frame["head"], strict=True
+            ):
+                texts = []
+                if baseline == OBSERVED:
+                    for reason, mask in marks.items():
+                        scope = mask if layer == ALL else mask[:, layer : layer + 1]
+                        scope = scope if head == ALL else scope[:, :, head : head + 1]
+                        text = _note(scope, reason, layer == ALL and mask.shape[1] > 1)
+                        if text:
+                            texts.append(text)
+                notes.append("; ".join(texts) or None)
+    return pd.Series(notes, dtype=object)
+
+
+def _as_3d(mask: np.ndarray) -> np.ndarray:
+    return mask.reshape(mask.shape + (1,) * (3 - mask.ndim))

@@ -19,7 +19,9 @@ training token; ICL against ICL in another order can lose different tokens).
 
 A constant vector (or one of fewer than 2 tokens) has no ranking: scipy returns NaN;
 here such (query, layer) cells are skipped explicitly, stored as NaN and counted in
-``n_skipped`` (the authors' code would let one NaN turn the whole mean into NaN).
+``n_skipped`` (the authors' code would let one NaN turn the whole mean into NaN). A layer
+that sees no demonstration token at all (a query at least as long as a sliding window)
+has no ICL side: its cells are left out with that reason (``undefined``).
 
 Baselines (seeded):
 
@@ -52,7 +54,14 @@ import scipy.stats
 import torch
 from jaxtyping import Float
 
-from ._common import as_query_list, check_scores, derangement, rng_for, token_baselines
+from ._common import (
+    NO_DEMONSTRATION_SEEN,
+    as_query_list,
+    check_scores,
+    derangement,
+    rng_for,
+    token_baselines,
+)
 from .result import MetricResult
 
 DemoScores = (
@@ -112,6 +121,7 @@ def kendall(
     baselines, _ = token_baselines("Kendall", icl_, baselines, BASELINES)
 
     obs = np.empty((n, n_layers))
+    none_seen = np.zeros((n, n_layers), dtype=bool)
     base = {b: np.empty((n, n_layers)) for b in baselines}
     rng = rng_for(seed, "random_uniform")
     perm = (
@@ -124,6 +134,7 @@ def kendall(
             a, b = icl_[q][layer], ft_[q][layer]
             seen = np.isfinite(a) & np.isfinite(b)  # the tokens this layer sees on both sides
             obs[q, layer] = _tau_b(a[seen], b[seen])
+            none_seen[q, layer] = not seen.any()
             if "random_uniform" in baselines:
                 base["random_uniform"][q, layer] = _tau_b(a[seen], rng.random(seen.sum()))
             if perm is not None:
@@ -132,4 +143,5 @@ def kendall(
                 base["shuffled_queries"][q, layer] = _tau_b(a[both], other[both])
 
     opts = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
-    return MetricResult("kendall", "tau_b", obs, base, **opts)
+    undefined = {NO_DEMONSTRATION_SEEN: none_seen}
+    return MetricResult("kendall", "tau_b", obs, base, undefined=undefined, **opts)

@@ -55,6 +55,9 @@ class MetricResult:
       ``(n, layer, head)``; NaN marks an undefined value (skipped, counted).
     - ``baseline_values``: baseline name -> per-query values of the same shape.
     - ``confidence``, ``n_resamples``, ``seed``: of the query bootstrap.
+    - ``undefined``: why values are NaN, where the metric knows: reason (a sentence) ->
+      boolean mask of ``values``' shape, True where that reason left the value out.
+      :func:`~icl_lens.analyses.undefined_notes` turns them into the rows' notes.
 
     Derived on construction: ``value`` (mean over queries, then heads, then layers),
     ``ci`` (bootstrap interval of ``value``), ``baselines`` (name -> summary value),
@@ -69,6 +72,7 @@ class MetricResult:
     confidence: float = field(default=0.95, repr=False)
     n_resamples: int = field(default=1000, repr=False)
     seed: int = field(default=0, repr=False)
+    undefined: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     value: float = field(init=False)
     ci: tuple[float, float] = field(init=False)
@@ -93,8 +97,20 @@ class MetricResult:
                 raise ValueError(
                     f"baseline {name!r} has shape {base[name].shape}, values {values.shape}"
                 )
+        reasons = {}
+        for reason, mask in self.undefined.items():
+            reasons[reason] = np.array(mask, dtype=bool)
+            reasons[reason].setflags(write=False)
+            if reasons[reason].shape != values.shape:
+                raise ValueError(
+                    f"the mask of {reason!r} has shape {reasons[reason].shape}, values "
+                    f"{values.shape}"
+                )
+            if not np.isnan(values[reasons[reason]]).all():
+                raise ValueError(f"values left out ({reason!r}) must be NaN")
         set_(self, "values", values)
         set_(self, "baseline_values", base)
+        set_(self, "undefined", {k: v for k, v in reasons.items() if v.any()})
 
         opts = {"confidence": self.confidence, "n_resamples": self.n_resamples, "seed": self.seed}
         parts = []

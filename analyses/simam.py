@@ -17,8 +17,12 @@ layer's sliding window behind the demonstrations) are left out of every vector o
 all three settings attend to.
 
 Summary: mean over queries for each (layer, head), then over heads, then over layers
-(equal to the plain mean when nothing is skipped). A zero vector (e.g. FT leaves a
-head's scores exactly unchanged, under ``changes``) gives NaN, skipped and counted.
+(equal to the plain mean when nothing is skipped). A zero vector gives NaN, skipped and
+counted. Under ``changes``, a difference at rounding level is no change (e.g. on a
+rotary model ICL cannot change layer 0's scores to the query's own tokens: they differ
+from ZSL's by a few ulps, whose direction is noise): where s_ICL or s_FT is within
+``rounding`` of s_ZSL (:func:`~icl_lens.analyses._common.rounding_level`, relative to
+the vectors' norm), the value and its baselines are NaN and ``undefined`` says why.
 
 Baselines, for each variant cos(a, b) (a = first argument above), seeded:
 
@@ -52,7 +56,16 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from ._common import as_query_list, check_scores, cosine, derangement, rng_for
+from ._common import (
+    ROUNDING_NOTE,
+    as_query_list,
+    check_scores,
+    cosine,
+    derangement,
+    per_query_rounding,
+    rng_for,
+    within_rounding,
+)
 from .result import MetricResult, VariantSet
 
 Scores = (
@@ -126,6 +139,7 @@ def simam(
     seed: int = 0,
     confidence: float = 0.95,
     n_resamples: int = 1000,
+    rounding: float | Sequence[float] | np.ndarray | None = None,
 ) -> SimAMResult:
     """SimAM per query, layer and head in the variants after / before / changes.
 
@@ -134,6 +148,9 @@ def simam(
     a stacked ``(n, layer, head, tokens)`` tensor also works. ``simam(**scores)`` works
     with a dict keyed by setting. ``baselines``: any of ``BASELINES``;
     ``shuffled_heads`` needs >= 2 heads, ``shuffled_queries`` >= 2 queries.
+    ``rounding``: the scores' relative rounding level, one number or one per query
+    (:func:`~icl_lens.analyses.rounding_level`; default: ``ROUNDING_ULPS`` ulps of the
+    inputs' dtype); a change within it is undefined under ``changes``.
     """
     unknown = set(baselines) - set(BASELINES)
     if unknown:
@@ -154,10 +171,14 @@ def simam(
         derangement(n, rngs["shuffled_queries"]) if "shuffled_queries" in baselines else None
     )
 
+    level = per_query_rounding(rounding, n, zsl, icl, ft)
     seen = [_seen_by_all(zsl_[q], icl_[q], ft_[q]) for q in range(n)]
     zsl_, icl_, ft_ = (
         [np.where(s, x, 0.0) for s, x in zip(seen, xs, strict=True)] for xs in (zsl_, icl_, ft_)
     )
+    # (layer, head) per query: ICL's / FT's scores equal ZSL's up to rounding
+    same_a = [within_rounding(icl_[q], zsl_[q], level[q]) for q in range(n)]
+    same_b = [within_rounding(ft_[q], zsl_[q], level[q]) for q in range(n)]
     for q in range(n):
         pairs = _pairs(zsl_[q], icl_[q], ft_[q])
         shape = zsl_[q].shape
@@ -181,6 +202,22 @@ def simam(
                 base[v]["shuffled_heads"][q] = cosine(a, b_shuffled)
             if query_perm is not None:
                 base[v]["shuffled_queries"][q] = _right_aligned_cosine(a, other[v][1])
+        # changes: a side at rounding level has no direction, in every pairing it enters
+        obs["changes"][q][same_a[q] | same_b[q]] = np.nan
+        for name in rand:
+            base["changes"][name][q][same_a[q]] = np.nan
+        if "shuffled_heads" in baselines:
+            moved = np.take_along_axis(same_b[q], head_perm, axis=1)
+            base["changes"]["shuffled_heads"][q][same_a[q] | moved] = np.nan
+        if query_perm is not None:
+            base["changes"]["shuffled_queries"][q][same_a[q] | same_b[query_perm[q]]] = np.nan
 
     opts = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
-    return SimAMResult(**{v: MetricResult("simam", v, obs[v], base[v], **opts) for v in VARIANTS})
+    undefined = {v: {} for v in VARIANTS}
+    undefined["changes"] = {ROUNDING_NOTE: np.stack(same_a) | np.stack(same_b)}
+    return SimAMResult(
+        **{
+            v: MetricResult("simam", v, obs[v], base[v], undefined=undefined[v], **opts)
+            for v in VARIANTS
+        }
+    )

@@ -9,8 +9,11 @@ add) at the recorded position under ZSL, ICL and FT:
   similarity (Deutch et al. 2024): e.g. a pure rescaling of h_ICL is no update at all
   once normalised.
 
-Summary: mean over queries, then over layers. A cosine with a zero vector (an update
-that is exactly zero) is undefined: NaN, skipped and counted in ``n_skipped``.
+Summary: mean over queries, then over layers. An update at rounding level (h_ICL or
+h_FT within ``rounding`` of h_ZSL, relative to their norm, in the variant's own vectors;
+:func:`~icl_lens.analyses._common.rounding_level`), exactly zero included, is no update:
+its direction is noise, so the value and its baselines are undefined: NaN, skipped,
+counted in ``n_skipped``, the reason in ``undefined``.
 
 Baselines (each variant gets all of them, computed on its own updates, seeded):
 
@@ -43,7 +46,16 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from ._common import check_finite, cosine, derangement, rng_for, to_numpy
+from ._common import (
+    ROUNDING_NOTE,
+    check_finite,
+    cosine,
+    derangement,
+    per_query_rounding,
+    rng_for,
+    to_numpy,
+    within_rounding,
+)
 from .result import MetricResult, VariantSet
 
 AttnOut = Float[torch.Tensor, "n layer d_model"] | Float[np.ndarray, "n layer d_model"]
@@ -75,6 +87,7 @@ def simaou(
     seed: int = 0,
     confidence: float = 0.95,
     n_resamples: int = 1000,
+    rounding: float | Sequence[float] | np.ndarray | None = None,
 ) -> SimAOUResult:
     """SimAOU per query and layer, normalised (paper) and unnormalised, with baselines.
 
@@ -82,7 +95,9 @@ def simaou(
     ``(n, layer, d_model)`` tensor or array per setting (so ``simaou(**attn_out)``
     works). Computed in float64, one layer at a time. ``baselines``: any of
     ``BASELINES``; ``shuffled_queries`` needs n >= 2. ``seed`` fixes the baselines and
-    the bootstrap.
+    the bootstrap. ``rounding``: the outputs' relative rounding level, one number or one
+    per query (:func:`~icl_lens.analyses.rounding_level`; default: ``ROUNDING_ULPS`` ulps
+    of the inputs' dtype).
     """
     unknown = set(baselines) - set(BASELINES)
     if unknown:
@@ -94,8 +109,10 @@ def simaou(
     if "shuffled_queries" in baselines and n < 2:
         raise ValueError("the shuffled_queries baseline needs at least 2 queries")
 
+    level = per_query_rounding(rounding, n, zsl, icl, ft)
     variants = {"normalised": True, "unnormalised": False}
     obs = {v: np.empty((n, n_layers)) for v in variants}
+    still = {v: np.zeros((n, n_layers), dtype=bool) for v in variants}
     base = {v: {b: np.empty((n, n_layers)) for b in baselines} for v in variants}
     rngs = {b: rng_for(seed, b) for b in ("random_uniform", "random_gaussian")}
     perm = derangement(n, rng_for(seed, "shuffled_queries")) if n >= 2 else None
@@ -115,11 +132,21 @@ def simaou(
         for variant, normalise in variants.items():
             z, i, f = (_unit(h[k]) if normalise else h[k] for k in ("zsl", "icl", "ft"))
             d_icl, d_ft = i - z, f - z
-            obs[variant][:, layer] = cosine(d_icl, d_ft)
+            same_a, same_b = within_rounding(i, z, level), within_rounding(f, z, level)
+            still[variant][:, layer] = same_a | same_b
+            obs[variant][:, layer] = np.where(same_a | same_b, np.nan, cosine(d_icl, d_ft))
             for b, r in rand.items():
-                base[variant][b][:, layer] = cosine(d_icl, r)
+                base[variant][b][:, layer] = np.where(same_a, np.nan, cosine(d_icl, r))
             if "shuffled_queries" in baselines:
-                base[variant]["shuffled_queries"][:, layer] = cosine(d_icl, d_ft[perm])
+                shuffled = np.where(same_a | same_b[perm], np.nan, cosine(d_icl, d_ft[perm]))
+                base[variant]["shuffled_queries"][:, layer] = shuffled
 
     opts = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
-    return SimAOUResult(**{v: MetricResult("simaou", v, obs[v], base[v], **opts) for v in variants})
+    return SimAOUResult(
+        **{
+            v: MetricResult(
+                "simaou", v, obs[v], base[v], undefined={ROUNDING_NOTE: still[v]}, **opts
+            )
+            for v in variants
+        }
+    )

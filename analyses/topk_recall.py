@@ -25,10 +25,11 @@ Variants, as the authors' two levels:
 Tokens a layer did not see (``-inf`` scores: outside a local layer's sliding window, on
 either side) are left out of that (query, layer) cell: top-k, the softmax and the random
 draws are over the tokens both sides see; a demonstration none of whose tokens is seen
-is left out of the example level. When k is not below the number of items, both top-k
-sets are everything and the recall is 1 whatever the scores: such (query, layer) cells
-are NaN (skipped, counted). Ties are
-broken by position (a stable sort, as the authors' ``np.argsort``).
+is left out of the example level; a layer that sees none (a query at least as long as
+a sliding window) is left out of both. When k is not below the number of items, both
+top-k sets are everything and the recall is 1 whatever the scores: such (query, layer)
+cells are NaN (skipped, counted). Either way the result's ``undefined`` says why. Ties
+are broken by position (a stable sort, as the authors' ``np.argsort``).
 
 Baselines (seeded):
 
@@ -53,12 +54,20 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.special
 
-from ._common import as_query_list, check_scores, derangement, rng_for, token_baselines
+from ._common import (
+    NO_DEMONSTRATION_SEEN,
+    as_query_list,
+    check_scores,
+    derangement,
+    rng_for,
+    token_baselines,
+)
 from .kendall import DemoScores
 from .result import MetricResult, VariantSet
 
 BASELINES = ("random_uniform", "shuffled_queries")
 VARIANTS = ("token", "example")
+ITEMS = {"token": "demonstration tokens", "example": "demonstrations"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,13 +100,20 @@ def _recall(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
 
 def _random_recall(a: np.ndarray, b: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """The authors' random baseline: k uniformly random indices among the items both
-    sides see, the share in top_k(b)."""
+    sides see, the share in top_k(b); no draw (NaN) for a row with none."""
     seen = np.isfinite(a) & np.isfinite(b)
     tb = _top(np.where(seen, b, -np.inf), k)
     if seen.all():
         idx = rng.integers(0, b.shape[-1], size=(b.shape[0], k))
     else:
-        idx = np.stack([np.flatnonzero(row)[rng.integers(0, max(row.sum(), 1), k)] for row in seen])
+        idx = np.stack(
+            [
+                np.flatnonzero(row)[rng.integers(0, row.sum(), k)]
+                if row.any()
+                else np.zeros(k, dtype=np.int64)
+                for row in seen
+            ]
+        )
     out = (idx[:, :, None] == tb[:, None, :]).any(-1).sum(-1) / k
     return np.where(k < seen.sum(-1), out, np.nan)
 
@@ -111,6 +127,19 @@ def _by_example(x: np.ndarray, groups: Sequence[int]) -> np.ndarray:
     sums = np.stack([p[:, s:e].sum(-1) for s, e in bounds], -1)
     seen = np.stack([np.isfinite(x[:, s:e]).any(-1) for s, e in bounds], -1)
     return np.where(seen, sums, -np.inf)
+
+
+def _undefined(a_list, b_list, k: int, variant: str) -> dict[str, np.ndarray]:
+    """Why cells are NaN: (query, layer) masks of the layers that see no item, and of
+    those that see some but no more than k."""
+    n_seen = np.stack(
+        [(np.isfinite(a) & np.isfinite(b)).sum(-1) for a, b in zip(a_list, b_list, strict=True)]
+    )
+    too_few = (
+        f"k = {k} is not below the {ITEMS[variant]} the layer sees, so both top-k sets hold "
+        "them all and the recall would be 1 whatever the scores"
+    )
+    return {NO_DEMONSTRATION_SEEN: n_seen == 0, too_few: (n_seen > 0) & (n_seen <= k)}
 
 
 def _both_seen(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,5 +216,6 @@ def topk_recall(
             base["shuffled_queries"] = np.stack(
                 [_recall(a, b_list[perm[q]], kk) for q, a in enumerate(a_list)]
             )
-        out[variant] = MetricResult("topk_recall", variant, obs, base, **opts)
+        undefined = _undefined(a_list, b_list, kk, variant)
+        out[variant] = MetricResult("topk_recall", variant, obs, base, undefined=undefined, **opts)
     return TopKRecallResult(**out)

@@ -42,7 +42,8 @@ class Capture:
     ``values[(what, layer)]`` after :meth:`run`, with shapes
     q, z: ``[batch, n_pos, head, d_head]``; k, v: ``[batch, pos, kv_head, d_head]``;
     scores, pattern: ``[batch, n_pos, head, key_pos]``; attn_out: ``[batch, n_pos, d_model]``.
-    q and k are post-rotary on rotary models.
+    q and k are post-rotary on rotary models; scores are ``-inf`` at every key the model
+    masked (:meth:`~icl_lens.model.adapter.ModelAdapter.masked_as_neginf`).
     """
 
     adapter: ModelAdapter
@@ -81,6 +82,8 @@ class Capture:
 
         def hook(x: Tensor, hook=None):
             x = x.detach()
+            if what == "scores":  # masked keys at -inf, read from the model's mask
+                x = self.adapter.masked_as_neginf(layer, x)
             if what in ("cos", "sin") and x.ndim == 2:
                 x = x[None]
             if what in PER_POSITION and positions is not None and not (rotate and what == "q"):

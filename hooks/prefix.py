@@ -34,7 +34,7 @@ from icl_lens.hooks.logits import logit_hook
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from icl_lens.model.adapter import HookFn, ModelAdapter, masked_as_neginf
+from icl_lens.model.adapter import HookFn, ModelAdapter
 
 TOLERANCE = 1e-4
 
@@ -242,8 +242,7 @@ class PrefixRunner:
                 x, y = x[:, :m], y[:, :m]
             pairs.append((f"{key[0]} of layer {key[1]}", y, x))
         for name, y, x in pairs:
-            if name.startswith("scores"):
-                x, y = masked_as_neginf(x), masked_as_neginf(y)
+            if name.startswith("scores"):  # captured with -inf where masked
                 if not torch.equal(torch.isneginf(x), torch.isneginf(y)):
                     return self._mismatch(f"the attention mask of {name}")
                 x, y = x.masked_fill(torch.isneginf(x), 0), y.masked_fill(torch.isneginf(y), 0)

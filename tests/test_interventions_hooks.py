@@ -16,7 +16,6 @@ from icl_lens.hooks.intervention_runner import InterventionRunner
 from icl_lens.hooks.interventions import DemoKV, Intervention, InterventionHooks
 
 import icl_lens as il
-from icl_lens.model.adapter import masked_as_neginf
 from tests.models import ARCHITECTURES, GEMMA3_WINDOW, make_model, make_tokenizer
 
 TOL = 1e-5
@@ -173,7 +172,9 @@ def linear_attention(adapter, n_prefix):
 
         def on_scores(scores, hook=None, layer=layer):
             first = max(0, n_prefix - (scores.shape[-1] - scores.shape[-2]))
-            x = masked_as_neginf(scores.float())
+            x = adapter.masked_as_neginf(layer, scores).float()
+            knocked_out = scores <= torch.finfo(scores.dtype).min / 2  # the knockout's value
+            x = x.masked_fill(knocked_out, float("-inf"))
             weights = (x / adapter.score_scale(layer)).masked_fill(torch.isneginf(x), 0.0)
             kept[layer] = first, weights
 

@@ -476,6 +476,7 @@ def test_results_frame_and_result_immutability():
         ".topk_recall",
         ".hierarchical",
         ".flags",
+        "._common",
     ],
 )
 def test_docstring_examples_run(name):

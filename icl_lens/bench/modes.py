@@ -101,7 +101,7 @@ def naive_records(
 ) -> tuple[dict, list[float]]:
     """(a): ``run_with_cache`` of every hook on each full prompt, one at a time, and the
     quantities ``record`` keeps, read from the cache; and each prompt's seconds."""
-    from icl_lens.model.adapter import adapt, masked_as_neginf
+    from icl_lens.model.adapter import adapt
     from icl_lens.study.predict import first_token_scores
 
     a = adapt(model)
@@ -119,8 +119,9 @@ def naive_records(
                 torch.stack([cache[a.name(la, "attn_out")][0, p] for la in layers])
             )
             out["q"].append(torch.stack([cache[a.name(la, "q")][0, p] for la in layers]))
-            scores = torch.stack([cache[a.name(la, "scores")][0, :, p] for la in layers])
-            scores = masked_as_neginf(scores)  # as record keeps them
+            scores = torch.stack(  # -inf where masked, from the model's mask, as record keeps them
+                [a.masked_as_neginf(la, cache[a.name(la, "scores")])[0, :, p] for la in layers]
+            )
             cols = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(n_prefix, p + 1)])
             out["query_scores"].append(scores[..., cols].float().cpu())
             out["demo_scores"].append(scores[:, :, 1:n_prefix].sum(dim=1))

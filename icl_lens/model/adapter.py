@@ -70,15 +70,41 @@ def _in_training(model: torch.nn.Module) -> bool:
     return any(m.training for part in parts for m in part.modules())
 
 
-def masked_as_neginf(scores: Tensor) -> Tensor:
-    """Pre-softmax attention scores with every masked entry (causal, sliding window,
-    padding) set to ``-inf``, on either line.
+def _bridge_keep_mask(module, args, kwargs):
+    """Keep the attention mask the bridge's attention is handed (the model's own: causal,
+    sliding window, padding), so that :meth:`ModelAdapter.masked_as_neginf` reads masked
+    keys from it. One reference per layer, replaced by the next forward; layers of one
+    kind share the tensor."""
+    module._icl_lens_mask = kwargs.get("attention_mask")
 
-    TransformerLens 3 masks with ``-inf``; the bridge adds the dtype's most negative
-    number to the score, which leaves a finite value next to it (summing four such
-    scores overflows to ``-inf``, subtracting two gives NaN). No real score comes within
-    a factor of two of that number, so the cut is unambiguous."""
-    return scores.masked_fill(scores <= torch.finfo(scores.dtype).min / 2, float("-inf"))
+
+def _seen_keys(mask: Tensor | None, n_query: int, n_key: int, device) -> Tensor:
+    """``[batch | 1, 1, query, key]``: True where the bridge's attention lets a query see
+    a key, read from ``mask`` as TransformerLens 4 applies it (a 4D mask as it is, the
+    last ``n_query`` rows; otherwise causal, and the mask on top). A boolean mask is True
+    where allowed; an additive one holds the dtype's minimum (or -inf) where masked, the
+    sentinel transformers writes, so half of it tells the two apart with room for a
+    fused bias. The scores are never read: a masked score plus the sentinel can round to
+    anything in half precision (float16: -65504 + a score of 3 is -65504, which is no
+    float32 minimum)."""
+    seen = None
+    if mask is None or mask.ndim < 4:
+        seen = torch.ones(n_query, n_key, dtype=torch.bool, device=device)
+        seen = seen.tril(n_key - n_query)[None, None]
+    if mask is None:
+        return seen
+    mask = mask.to(device)[..., :n_key]
+    if mask.ndim >= 3:
+        mask = mask[..., -n_query:, :]
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.is_floating_point():
+        allowed = mask > torch.finfo(mask.dtype).min / 2
+    else:
+        allowed = mask != 0
+    while allowed.ndim < 4:  # [batch, key] or [batch, query, key]
+        allowed = allowed[:, None] if allowed.ndim == 3 else allowed[:, None, None]
+    return allowed if seen is None else allowed & seen
 
 
 @dataclass(frozen=True)
@@ -180,6 +206,23 @@ class ModelAdapter:
         if weight is None:
             return torch.ones(self.d_model, device=self.device, dtype=self.dtype)
         return weight.detach()
+
+    def masked_as_neginf(
+        self, layer: int, scores: Float[Tensor, "batch head query key"]
+    ) -> Float[Tensor, "batch head query key"]:
+        """``layer``'s pre-softmax scores from the forward that produced them (a
+        ``hook_attn_scores`` hook or the last forward) with every key the model masked
+        (causal, sliding window, padding) at ``-inf``, in any dtype.
+
+        Masked keys are read from the mask, never from the score's value: TransformerLens
+        3 writes ``-inf`` there itself; the bridge adds the dtype's minimum to the score
+        (in float16 -65504, indistinguishable from a large score once cast to float32),
+        so its attention mask is kept for each layer and read here."""
+        if self.line == "hooked":
+            return scores
+        mask = getattr(self.model.blocks[layer].attn, "_icl_lens_mask", None)
+        seen = _seen_keys(mask, scores.shape[-2], scores.shape[-1], scores.device)
+        return scores.masked_fill(~seen, float("-inf"))
 
     # ---- weights ----------------------------------------------------------------
     def W_O(self, layer: int) -> Float[Tensor, "head d_head d_model"]:
@@ -367,6 +410,9 @@ def adapt(model: object) -> ModelAdapter:
             if not getattr(attn, "_icl_lens_cache_shim", False):
                 attn.register_forward_pre_hook(_bridge_cache_kwarg_shim, with_kwargs=True)
                 attn._icl_lens_cache_shim = True
+            if not getattr(attn, "_icl_lens_keeps_mask", False):
+                attn.register_forward_pre_hook(_bridge_keep_mask, with_kwargs=True)
+                attn._icl_lens_keeps_mask = True
             if not getattr(attn, "_icl_lens_drops_pattern", False):
                 attn.register_forward_hook(_bridge_drop_pattern)
                 attn._icl_lens_drops_pattern = True

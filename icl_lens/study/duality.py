@@ -48,7 +48,7 @@ from torch import Tensor
 from icl_lens.analyses import with_head_labels
 from icl_lens.data.prompts import Prompt, check_prompts
 from icl_lens.hooks.capture import Capture
-from icl_lens.model.adapter import adapt, masked_as_neginf
+from icl_lens.model.adapter import adapt
 
 WHAT = ("q", "k", "v", "z", "scores", "pattern", "attn_out")
 
@@ -479,7 +479,7 @@ def decompose(
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     pattern = stack("pattern").transpose(1, 2)  # l h n p
     # the keys each head saw, as the model masked them (causal, sliding window)
-    visible = ~torch.isneginf(masked_as_neginf(stack("scores").transpose(1, 2)))
+    visible = ~torch.isneginf(stack("scores").transpose(1, 2))
     key_dot_query = torch.einsum("lhnd,lhpd->lhnp", q, k).masked_fill(~visible, 0.0)
     demo = prompt.demo_mask
     icl = torch.einsum("lhnp,lhpd->lhnd", key_dot_query * demo, v)

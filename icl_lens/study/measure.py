@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -60,6 +61,7 @@ __all__ = [
     "kendall_inputs",
     "measure",
     "retest_rows",
+    "rounding_levels",
     "token_scores",
 ]
 
@@ -140,6 +142,16 @@ def kendall_inputs(
     return a, b
 
 
+def rounding_levels(*settings: Records) -> Float[np.ndarray, " n"]:
+    """Per query, the relative rounding level of these settings' recordings
+    (:func:`icl_lens.analyses.rounding_level`): the least precise dtype among the model's
+    and float32 (the recordings' own), at the furthest absolute recorded position."""
+    eps = max(torch.finfo(getattr(torch, r.dtype)).eps for r in settings)
+    eps = max(eps, torch.finfo(torch.float32).eps)
+    position = np.max([r.prefix_length + r.positions.numpy() for r in settings], axis=0)
+    return analyses.rounding_level(eps, position)
+
+
 def _baselines(n: int, n_heads: int, names: Sequence[str]) -> list[str]:
     return [
         b
@@ -169,6 +181,10 @@ def measure(
     Token scores for Kendall and top-k: ``tokens=(a, b)``, aligned (:func:`token_scores`),
     or FT's ``train_queries`` against all of ICL's demonstration tokens. ``groups``:
     tokens per demonstration, for top-k recall at the example level.
+
+    The frame's ``flag`` column says why values were left out (:func:`~icl_lens.analyses.
+    undefined_notes`): a change at rounding level (:func:`rounding_levels`), a layer
+    that sees no demonstration token, a top-k with k not below the items.
     """
     n = len(zsl.gold)
     n_heads = zsl.q.shape[2]
@@ -184,13 +200,24 @@ def measure(
         tokens = kendall_inputs(icl, ft, train_queries)
     a_tok, b_tok = tokens
     token_base = None if baselines else ()
+    rounding = rounding_levels(zsl, icl, ft)
     results = {
         "rec2ftp": analyses.rec2ftp(**correct, **opts),
         "simaou": analyses.simaou(
-            zsl.attn_out, icl.attn_out, ft.attn_out, baselines=simaou_base, **opts
+            zsl.attn_out,
+            icl.attn_out,
+            ft.attn_out,
+            baselines=simaou_base,
+            rounding=rounding,
+            **opts,
         ),
         "simam": analyses.simam(
-            zsl.query_scores, icl.query_scores, ft.query_scores, baselines=simam_base, **opts
+            zsl.query_scores,
+            icl.query_scores,
+            ft.query_scores,
+            baselines=simam_base,
+            rounding=rounding,
+            **opts,
         ),
         "kendall": analyses.kendall(
             list(a_tok), list(b_tok), max_queries=kendall_queries, baselines=token_base, **opts
@@ -206,6 +233,8 @@ def measure(
         ),
     }
     frame = analyses.results_frame(*results.values())
+    notes = analyses.undefined_notes(*results.values()).to_numpy()
+    frame["flag"] = pd.Series(notes, index=frame.index, dtype=object)
     return Measurement(results, frame)
 
 
@@ -316,11 +345,13 @@ def mean_accuracy(draws: list[dict]) -> dict[str, float]:
 
 def flagged_frame(frames, rec2ftp_results) -> pd.DataFrame:
     """All rows with their FT mode, and the ``flag`` column: Rec2FTP's own reason where it
-    cannot speak, an interval from too few queries, and overlap with a shuffled pairing or
-    independent baseline."""
+    cannot speak, why values were left out (the parts' own ``flag``, from :func:`measure`),
+    an interval from too few queries, and overlap with a shuffled pairing or independent
+    baseline."""
     parts = []
     for mode, mode_parts in frames:
         f = pd.concat(mode_parts, ignore_index=True)
+        notes = f.pop("flag") if "flag" in f else pd.Series(None, index=f.index, dtype=object)
         f["ft_mode"] = mode
         note = analyses.rec2ftp_flag(rec2ftp_results[mode])
         own = pd.Series([None] * len(f), index=f.index, dtype=object)
@@ -328,7 +359,7 @@ def flagged_frame(frames, rec2ftp_results) -> pd.DataFrame:
             mask = (f["metric"] == "rec2ftp") & (f["baseline"] == analyses.OBSERVED)
             own[mask] = note
         f["flag"] = analyses.join_flags(
-            own, analyses.interval_flags(f), analyses.indistinguishable(f)
+            own, notes, analyses.interval_flags(f), analyses.indistinguishable(f)
         )
         parts.append(f)
     frame = pd.concat(parts, ignore_index=True)

@@ -54,7 +54,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from icl_lens.hooks.prefix import PrefixRunner
-from icl_lens.model.adapter import adapt, masked_as_neginf
+from icl_lens.model.adapter import adapt
 from icl_lens.study.predict import LabelTokens, Predictions, complete_scores, first_token_scores
 
 __all__ = ["PROTOCOLS", "Protocol", "Records", "record"]
@@ -68,7 +68,9 @@ class Records:
     """Recordings of one setting (ZSL, ICL or FT) on ``n`` validation queries.
 
     ``positions`` are query-relative (0 = the query's first token). ``prefix_length`` is
-    1 for ZSL/FT (BOS) and 1 + the demonstration tokens for ICL.
+    1 for ZSL/FT (BOS) and 1 + the demonstration tokens for ICL. ``dtype``: the one the
+    model computed in (the tensors here are float32): it sets the rounding level below
+    which two settings' recordings do not differ (:func:`icl_lens.analyses.rounding_level`).
     """
 
     attn_out: Float[Tensor, "n layer d_model"]
@@ -80,6 +82,7 @@ class Records:
     positions: Int[Tensor, " n"]
     prefix_length: int
     protocol: str = "prediction"
+    dtype: str = "float32"
 
     @property
     def predictions(self) -> Predictions:
@@ -161,8 +164,8 @@ def record(
         q_vecs.append(
             torch.stack([v["q", la][:, 0] for la in layers], dim=1)[: max(0, keep - start)]
         )
-        scores = torch.stack([v["scores", la][:, 0] for la in layers], dim=1)  # b l h key
-        scores = masked_as_neginf(scores)
+        # b l h key; -inf where the model masked, read from its mask in the model's dtype
+        scores = torch.stack([v["scores", la][:, 0] for la in layers], dim=1)
         for b, p in enumerate(pos):
             keep_bos = protocol != "dai2023"
             query_scores.append(_query_side(scores[b], n_prefix, p, bos=keep_bos).clone())
@@ -186,4 +189,5 @@ def record(
         positions=torch.tensor(positions, dtype=torch.long),
         prefix_length=n_prefix,
         protocol=protocol,
+        dtype=str(adapter.dtype).removeprefix("torch."),
     )
