@@ -10,7 +10,7 @@ right shapes works, including recordings from a randomly initialised model (the
 ``rec2ftp(zsl, icl, ft)``   per-query correctness -> :class:`Rec2FTPResult`
 ``simaou(zsl, icl, ft)``    attention outputs ``(n, layer, d_model)`` -> :class:`SimAOUResult`
 ``simam(zsl, icl, ft)``     lists of ``(layer, head, tokens)`` raw scores -> :class:`SimAMResult`
-``kendall(icl, ft)``        lists of ``(layer, demo_tokens)`` scores -> :class:`MetricResult`
+``kendall(icl, ft)``        lists of ``(layer, demo_tokens)`` scores -> :class:`KendallResult`
 ``topk_recall(icl, ft)``    the same inputs -> :class:`TopKRecallResult` (the authors')
 ``bootstrap_ci(values)``    percentile bootstrap over queries
 ``hierarchical_bootstrap``  over runs (demo sets, orders, draws), then queries
@@ -49,7 +49,8 @@ Conventions shared by every result:
   number). Layer and head indices are 0-based.
 - Variants: rec2ftp ``paper``; simaou ``normalised`` (paper), ``unnormalised``;
   simam ``after`` (paper), ``before`` (paper's reference), ``changes``; kendall
-  ``tau_b``; topk_recall ``token`` (k = 100), ``example`` (k = 5).
+  ``tau_b`` (tokens), ``example`` (demonstrations); topk_recall ``token`` (k = 100),
+  ``example`` (k = 5).
 - Baselines: rec2ftp ``independent``; simaou ``random_uniform`` (paper),
   ``random_gaussian``, ``shuffled_queries``; simam ``random_uniform``,
   ``random_gaussian``, ``shuffled_heads``, ``shuffled_queries``; kendall and
@@ -84,7 +85,7 @@ from .flags import (
     undefined_notes,
 )
 from .hierarchical import HierarchicalCI, hierarchical_bootstrap, hierarchical_table
-from .kendall import kendall
+from .kendall import KendallResult, kendall
 from .rec2ftp import Rec2FTPResult, rec2ftp
 from .result import OBSERVED, MetricResult
 from .simam import SimAMResult, simam
@@ -109,7 +110,7 @@ VARIANTS = {
     "rec2ftp": ("paper",),
     "simaou": ("normalised", "unnormalised"),
     "simam": _simam.VARIANTS,
-    "kendall": ("tau_b",),
+    "kendall": _kendall.VARIANTS,
     "topk_recall": _topk_recall.VARIANTS,
 }
 #: metric -> names of the baselines it can compute (all by default).
@@ -132,6 +133,7 @@ __all__ = [
     "ROUNDING_ULPS",
     "STAT_COLUMNS",
     "HierarchicalCI",
+    "KendallResult",
     "MetricResult",
     "Rec2FTPResult",
     "SimAMResult",

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.special
 import torch
 
 #: Stable per-baseline stream ids, so that a baseline's random draws do not depend on
@@ -212,3 +213,20 @@ def check_correctness(x: Any, name: str) -> np.ndarray:
             )
         arr = arr.astype(bool)
     return arr
+
+
+def by_example(x: np.ndarray, groups: Sequence[int]) -> np.ndarray:
+    """Softmax over the seen (finite) tokens, then the probabilities summed per group:
+    ``(layer, n_groups)``; a group with no seen token is ``-inf`` (unseen)."""
+    with np.errstate(invalid="ignore"):  # a row with no seen token: NaN, masked below
+        p = scipy.special.softmax(x, axis=-1)
+    bounds = list(zip(np.cumsum([0, *groups])[:-1], np.cumsum(groups), strict=True))
+    sums = np.stack([p[:, s:e].sum(-1) for s, e in bounds], -1)
+    seen = np.stack([np.isfinite(x[:, s:e]).any(-1) for s, e in bounds], -1)
+    return np.where(seen, sums, -np.inf)
+
+
+def both_seen(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` with every item that either side did not see at ``-inf``."""
+    seen = np.isfinite(a) & np.isfinite(b)
+    return np.where(seen, a, -np.inf), np.where(seen, b, -np.inf)

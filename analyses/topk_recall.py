@@ -29,7 +29,10 @@ is left out of the example level; a layer that sees none (a query at least as lo
 a sliding window) is left out of both. When k is not below the number of items, both
 top-k sets are everything and the recall is 1 whatever the scores: such (query, layer)
 cells are NaN (skipped, counted). Either way the result's ``undefined`` says why. Ties
-are broken by position (a stable sort, as the authors' ``np.argsort``).
+are broken by position (a stable sort). The authors' ``np.argsort(-x)`` is numpy's
+default, unstable quicksort, whose order among equal scores is unspecified (and, with
+numpy's SIMD sorts, can differ between CPUs); exact ties are rare in float scores, and a
+stable sort makes the value the same on every machine.
 
 Baselines (seeded):
 
@@ -52,11 +55,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.special
 
 from ._common import (
     NO_DEMONSTRATION_SEEN,
     as_query_list,
+    both_seen,
+    by_example,
     check_scores,
     derangement,
     rng_for,
@@ -84,7 +88,8 @@ class TopKRecallResult(VariantSet):
 
 
 def _top(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest entries of each row, ties broken by position."""
+    """Indices of the k largest entries of each row, ties broken by position (stable:
+    the same on every CPU, where the authors' default quicksort leaves ties unordered)."""
     return np.argsort(-x, axis=-1, kind="stable")[..., :k]
 
 
@@ -118,17 +123,6 @@ def _random_recall(a: np.ndarray, b: np.ndarray, k: int, rng: np.random.Generato
     return np.where(k < seen.sum(-1), out, np.nan)
 
 
-def _by_example(x: np.ndarray, groups: Sequence[int]) -> np.ndarray:
-    """Softmax over the seen (finite) tokens, then the probabilities summed per group:
-    ``(layer, n_groups)``; a group with no seen token is ``-inf`` (unseen)."""
-    with np.errstate(invalid="ignore"):  # a row with no seen token: NaN, masked below
-        p = scipy.special.softmax(x, axis=-1)
-    bounds = list(zip(np.cumsum([0, *groups])[:-1], np.cumsum(groups), strict=True))
-    sums = np.stack([p[:, s:e].sum(-1) for s, e in bounds], -1)
-    seen = np.stack([np.isfinite(x[:, s:e]).any(-1) for s, e in bounds], -1)
-    return np.where(seen, sums, -np.inf)
-
-
 def _undefined(a_list, b_list, k: int, variant: str) -> dict[str, np.ndarray]:
     """Why cells are NaN: (query, layer) masks of the layers that see no item, and of
     those that see some but no more than k."""
@@ -140,11 +134,6 @@ def _undefined(a_list, b_list, k: int, variant: str) -> dict[str, np.ndarray]:
         "them all and the recall would be 1 whatever the scores"
     )
     return {NO_DEMONSTRATION_SEEN: n_seen == 0, too_few: (n_seen > 0) & (n_seen <= k)}
-
-
-def _both_seen(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    seen = np.isfinite(a) & np.isfinite(b)
-    return np.where(seen, a, -np.inf), np.where(seen, b, -np.inf)
 
 
 def topk_recall(
@@ -196,11 +185,11 @@ def topk_recall(
 
     levels = {"token": (k, icl_, ft_)}
     if groups is not None:
-        pairs = [_both_seen(a, b) for a, b in zip(icl_, ft_, strict=True)]
+        pairs = [both_seen(a, b) for a, b in zip(icl_, ft_, strict=True)]
         levels["example"] = (
             k_example,
-            [_by_example(a, groups) for a, _ in pairs],
-            [_by_example(b, groups) for _, b in pairs],
+            [by_example(a, groups) for a, _ in pairs],
+            [by_example(b, groups) for _, b in pairs],
         )
     opts = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
     out = {}

@@ -28,6 +28,7 @@ METRICS = [
     ("simam", "before", "SimAM before (ICL vs ZSL)"),
     ("simam", "changes", "SimAM on changes"),
     ("kendall", "tau_b", "Kendall tau-b"),
+    ("kendall", "example", "Kendall tau-b over demonstrations"),
     ("topk_recall", "token", "top-100 token recall"),
     ("topk_recall", "example", "top-5 example recall"),
 ]

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.special
 import scipy.stats
 import torch
 
@@ -210,7 +211,7 @@ def test_kendall_hand_computed():
     # tau_b = 4 / sqrt((6 - 1) * (6 - 1)) = 0.8
     icl = [np.array([[1.0, 2, 3, 4]]), np.array([[1.0, 2, 2, 3]])]
     ft = [np.array([[1.0, 3, 2, 4]]), np.array([[1.0, 2, 3, 3]])]
-    r = ila.kendall(icl, ft, **FAST)
+    r = ila.kendall(icl, ft, **FAST).tau_b
     np.testing.assert_allclose(r.values, [[2 / 3], [0.8]])
     assert r.value == pytest.approx((2 / 3 + 0.8) / 2)
 
@@ -219,21 +220,21 @@ def test_kendall_matches_scipy_tau_b_with_ties():
     rng = np.random.default_rng(4)
     icl = [rng.integers(0, 4, size=(3, 12)).astype(float) for _ in range(5)]
     ft = [rng.integers(0, 3, size=(3, 12)).astype(float) for _ in range(5)]
-    r = ila.kendall(icl, ft, baselines=(), **FAST)
+    r = ila.kendall(icl, ft, baselines=(), **FAST).tau_b
     for q in range(5):
         for layer in range(3):
             expected = scipy.stats.kendalltau(icl[q][layer], ft[q][layer], variant="b").statistic
             assert r.values[q, layer] == pytest.approx(expected)
     # a strictly increasing transform (softmax, as the authors apply) changes nothing
     soft = [torch.softmax(torch.tensor(a), dim=-1) for a in icl]
-    np.testing.assert_allclose(ila.kendall(soft, ft, baselines=(), **FAST).values, r.values)
+    np.testing.assert_allclose(ila.kendall(soft, ft, baselines=(), **FAST).tau_b.values, r.values)
 
 
 def test_kendall_skips_constant_vectors_and_counts_them():
     icl = [np.array([[1.0, 2, 3], [5.0, 5, 5]]), np.array([[3.0, 2, 1], [1.0, 2, 3]])]
     ft = [np.array([[1.0, 2, 3], [1.0, 2, 3]]), np.array([[1.0, 2, 3], [4.0, 4, 4]])]
     with np.errstate(all="raise"):
-        r = ila.kendall(icl, ft, **FAST)
+        r = ila.kendall(icl, ft, **FAST).tau_b
     assert np.isnan(r.values[0, 1]) and np.isnan(r.values[1, 1])
     assert r.n_skipped == 2
     np.testing.assert_allclose(r.values[:, 0], [1.0, -1.0])
@@ -249,16 +250,16 @@ def test_kendall_uses_first_100_queries_by_default():
     rng = np.random.default_rng(5)
     icl = torch.tensor(rng.normal(size=(120, 2, 10)))
     ft = torch.tensor(rng.normal(size=(120, 2, 10)))
-    assert ila.kendall(icl, ft, **FAST).values.shape == (100, 2)
-    assert ila.kendall(icl, ft, max_queries=None, **FAST).values.shape == (120, 2)
-    assert ila.kendall(icl, ft, max_queries=7, **FAST).n_queries == 7
+    assert ila.kendall(icl, ft, **FAST).tau_b.values.shape == (100, 2)
+    assert ila.kendall(icl, ft, max_queries=None, **FAST).tau_b.values.shape == (120, 2)
+    assert ila.kendall(icl, ft, max_queries=7, **FAST).tau_b.n_queries == 7
 
 
 def test_kendall_random_baseline_near_zero():
     rng = np.random.default_rng(6)
     icl = [rng.normal(size=(4, 30)) for _ in range(200)]
     ft = [a + 0.5 * rng.normal(size=a.shape) for a in icl]
-    r = ila.kendall(icl, ft, max_queries=None, seed=1, **FAST)
+    r = ila.kendall(icl, ft, max_queries=None, seed=1, **FAST).tau_b
     assert r.value > 0.5
     assert abs(r.baselines["random_uniform"]) < 0.05
     assert abs(r.baselines["shuffled_queries"]) < 0.05
@@ -267,7 +268,7 @@ def test_kendall_random_baseline_near_zero():
 def test_kendall_shuffled_baseline_only_for_equal_lengths():
     icl = [np.random.rand(2, 5), np.random.rand(2, 6)]
     ft = [np.random.rand(2, 5), np.random.rand(2, 6)]
-    assert set(ila.kendall(icl, ft, **FAST).baselines) == {"random_uniform"}
+    assert set(ila.kendall(icl, ft, **FAST).tau_b.baselines) == {"random_uniform"}
     with pytest.raises(ValueError, match="same number of"):
         ila.kendall(icl, ft, baselines=("shuffled_queries",))
     with pytest.raises(ValueError, match="1:1"):
@@ -449,7 +450,7 @@ def test_aggregate_runs_on_a_concatenated_frame():
 
 def test_results_frame_and_result_immutability():
     r = ila.rec2ftp(zsl=[0, 1], icl=[1, 1], ft=[1, 0], **FAST)
-    k = ila.kendall([np.array([[1.0, 2, 3]])], [np.array([[1.0, 3, 2]])], **FAST)
+    k = ila.kendall([np.array([[1.0, 2, 3]])], [np.array([[1.0, 3, 2]])], **FAST).tau_b
     frame = ila.results_frame(r, k)
     assert list(frame.columns) == list(ila.FRAME_COLUMNS)
     assert set(frame["metric"]) == {"rec2ftp", "kendall"}
@@ -495,7 +496,7 @@ def test_kendall_ranks_only_the_tokens_each_layer_sees():
     icl, ft = rng.normal(size=(4, 2, 9)), rng.normal(size=(4, 2, 9))
     masked = icl.copy()
     masked[:, 0, :4] = -np.inf  # layer 0 is local: the first 4 tokens are out of its window
-    r = ila.kendall(list(masked), list(ft), **FAST)
+    r = ila.kendall(list(masked), list(ft), **FAST).tau_b
     for q in range(4):
         assert r.values[q, 0] == pytest.approx(
             scipy.stats.kendalltau(icl[q, 0, 4:], ft[q, 0, 4:], variant="b").statistic
@@ -523,7 +524,7 @@ def test_kendall_of_two_masked_sides_ranks_the_tokens_both_see():
     a, b = rng.normal(size=(3, 1, 10)), rng.normal(size=(3, 1, 10))
     a[:, 0, :3] = -np.inf
     b[:, 0, 7:] = -np.inf
-    r = ila.kendall(list(a), list(b), baselines=())
+    r = ila.kendall(list(a), list(b), baselines=()).tau_b
     for q in range(3):
         expected = scipy.stats.kendalltau(a[q, 0, 3:7], b[q, 0, 3:7], variant="b").statistic
         assert r.values[q, 0] == pytest.approx(expected)
@@ -551,3 +552,30 @@ def test_simam_compares_the_tokens_every_setting_sees():
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or \\+inf"):
         ila.simam(list(zsl), list(bad), list(ft), **FAST)
+
+
+def test_kendall_by_example_sums_each_sides_softmax_per_demonstration():
+    """The authors' example level (compute_training_example_attn.py 157-173, then the
+    same tau loop): softmax over each side's tokens, summed per demonstration, tau-b over
+    the demonstrations. Unlike the token level, the scores' scale matters."""
+    rng = np.random.default_rng(11)
+    groups = (2, 3, 4, 1)
+    icl = [rng.normal(size=(2, 10)) for _ in range(6)]
+    ft = [rng.normal(size=(2, 10)) for _ in range(6)]
+    r = ila.kendall(icl, ft, groups=groups, baselines=(), **FAST)
+    edges = np.cumsum([0, *groups])
+
+    def per_example(x):
+        p = scipy.special.softmax(x)
+        return [p[s:e].sum() for s, e in zip(edges[:-1], edges[1:], strict=True)]
+
+    for q in range(6):
+        for layer in range(2):
+            a, b = per_example(icl[q][layer]), per_example(ft[q][layer])
+            expected = scipy.stats.kendalltau(a, b, variant="b").statistic
+            assert r.example.values[q, layer] == pytest.approx(expected)
+    sharper = ila.kendall([3 * a for a in icl], ft, groups=groups, baselines=(), **FAST)
+    np.testing.assert_allclose(sharper.tau_b.values, r.tau_b.values)  # ranks: unchanged
+    assert not np.allclose(sharper.example.values, r.example.values)  # sums: changed
+    assert set(r.variants) == {"tau_b", "example"}
+    assert set(ila.kendall(icl, ft, **FAST).variants) == {"tau_b"}

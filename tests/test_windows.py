@@ -47,7 +47,7 @@ def test_a_layer_that_sees_no_demonstration_token_is_left_out_with_a_note():
     ft = [rng.normal(size=(2, 12)) for _ in range(4)]
     for a in icl:
         a[1] = -np.inf
-    tau = kendall(icl, ft, n_resamples=20)
+    tau = kendall(icl, ft, n_resamples=20).tau_b
     recall = topk_recall(icl, ft, k=3, groups=(4, 4, 4), k_example=1, n_resamples=20)
     for r in (tau, recall.token, recall.example):
         assert np.isnan(r.values[:, 1]).all() and np.isfinite(r.values[:, 0]).all()
@@ -147,15 +147,19 @@ def test_compare_with_queries_as_long_as_the_window(tmp_path, protocol, n_tokens
     )
     frame = cmp.metrics()
     observed = frame[(frame["baseline"] == "none") & (frame["head"] == -1)]
-    kendall_rows = observed[observed["metric"] == "kendall"].set_index("layer")
-    for layer in (0, 2):
-        assert np.isnan(kendall_rows.loc[layer, "value"])
-        assert kendall_rows.loc[layer, "flag"].startswith(f"undefined: {NO_DEMONSTRATION_SEEN}")
-    assert np.isfinite(kendall_rows.loc[1, "value"])
-    assert kendall_rows.loc[-1, "value"] == pytest.approx(kendall_rows.loc[1, "value"])
-    assert kendall_rows.loc[-1, "flag"].startswith(
-        f"layers 0, 2 left out of the mean: {NO_DEMONSTRATION_SEEN}"
-    )
+    for variant in ("tau_b", "example"):  # over tokens and over demonstrations
+        kendall_rows = observed[
+            (observed["metric"] == "kendall") & (observed["variant"] == variant)
+        ].set_index("layer")
+        for layer in (0, 2):
+            assert np.isnan(kendall_rows.loc[layer, "value"])
+            flag = kendall_rows.loc[layer, "flag"]
+            assert flag.startswith(f"undefined: {NO_DEMONSTRATION_SEEN}")
+        assert np.isfinite(kendall_rows.loc[1, "value"])
+        assert kendall_rows.loc[-1, "value"] == pytest.approx(kendall_rows.loc[1, "value"])
+        assert kendall_rows.loc[-1, "flag"].startswith(
+            f"layers 0, 2 left out of the mean: {NO_DEMONSTRATION_SEEN}"
+        )
     # top-k: the local layers see nothing, the global one fewer than k = 100 tokens
     for variant, k, items in (
         ("token", 100, "demonstration tokens"),
@@ -169,5 +173,6 @@ def test_compare_with_queries_as_long_as_the_window(tmp_path, protocol, n_tokens
         assert "layers 0, 2 left out of the mean" in rows.loc[-1, "flag"]
     # the retest ceiling (ICL vs ICL in another order) carries the same notes
     retest = frame[(frame["baseline"] == "icl_retest") & (frame["metric"] == "kendall")]
+    retest = retest[retest["variant"] == "tau_b"]
     retest = retest[retest["head"] == -1].set_index("layer")
     assert retest.loc[0, "flag"].startswith(f"undefined: {NO_DEMONSTRATION_SEEN}")

@@ -220,7 +220,12 @@ def measure(
             **opts,
         ),
         "kendall": analyses.kendall(
-            list(a_tok), list(b_tok), max_queries=kendall_queries, baselines=token_base, **opts
+            list(a_tok),
+            list(b_tok),
+            groups=groups,
+            max_queries=kendall_queries,
+            baselines=token_base,
+            **opts,
         ),
         "topk_recall": analyses.topk_recall(
             list(a_tok),
