@@ -269,8 +269,9 @@ def render_sweep_report(directory: str | os.PathLike, *, title: str | None = Non
             interval_note="Intervals: none (the cells hold no values.npz: runs from before "
             "icl-lens wrote it)."
             if pending
-            else "Intervals: a hierarchical bootstrap over demonstration sets, their orders "
-            "and the control's draws, then queries.",
+            else "Intervals: a t interval over demonstration sets (each the mean over its "
+            "orders and the control's draws) plus the shared queries' part (a bootstrap), "
+            "cut to the metric's range; with one set they cover the queries only.",
             figure=svg(figure) if figure is not None else None,
             grid_rows=grid_rows,
             version=_package_version(),
