@@ -7,6 +7,8 @@ hierarchical machinery called directly, undefined shares, refusals, and ``icl-le
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import json
 import sys
 import types
@@ -653,3 +655,18 @@ def test_a_sweep_cell_passes_the_interventions_options():
     assert "--interventions" in argv and "--fit-queries=16" in argv
     args = run_parser().parse_args(argv[1:])
     assert args.interventions and args.fit_queries == 16
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "icl_lens.analyses.recovery",
+        "icl_lens.study.intervention_frame",
+        "icl_lens.study.intervention_inputs",
+        "icl_lens.study.intervention_fit",
+    ],
+)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0
