@@ -670,3 +670,21 @@ def test_docstring_examples_run(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_without_the_head_scan_only_the_heatmaps_go(toy):
+    """``head_scan=False`` (``--no-head-scan``) leaves out the per-head and per-layer
+    interventions on the measured queries, and nothing else: every other value is the
+    same (the task vector's per-layer rows stay)."""
+    model, task, full = toy
+    lean = il.intervene(model, task, SETTINGS.replace(head_scan=False), progress=False)
+
+    def scanned(frame):
+        local = frame["scope"].isin(["head", "layer"])
+        return local & frame["intervention"].isin(["knockout", "restore", "transplant"])
+
+    assert scanned(full.frame).sum() > 0 and scanned(lean.frame).sum() == 0
+    keys = ["intervention", "form", "scope", "layer", "head", "k", "control", "metric", "quantity"]
+    kept = full.frame[~scanned(full.frame)].merge(lean.frame, on=keys, suffixes=("", "_lean"))
+    assert len(kept) == len(lean.frame) == (~scanned(full.frame)).sum()
+    np.testing.assert_allclose(kept["value"], kept["value_lean"], equal_nan=True)

@@ -74,7 +74,7 @@ def check_label_words(model, task: Task) -> None:
 
 
 def _n_stages(s: StudySettings, n_layers: int) -> int:
-    return 1 + 1 + n_layers + 1 + 3 + len(s.lr_values) + 1
+    return 1 + 1 + n_layers * s.head_scan + 1 + 3 + len(s.lr_values) + 1
 
 
 def intervene(
@@ -118,7 +118,8 @@ def intervene(
     trials, lr, edge, ft = chosen_ft(run, s.ft_modes[0])
     ft_scores = Records.from_dict(ft["records"]).class_scores
     parts.append({"conditions": [condition("ft")], "logits": ft_scores[:, None]})
-    parts += [study.layer(layer, scales) for layer in range(adapter.n_layers)]
+    if s.head_scan:  # the heatmaps: every head and layer on the measured queries
+        parts += [study.layer(layer, scales) for layer in range(adapter.n_layers)]
     parts.append(study.curves(ranking, scales))
     controls = {"permuted_labels": study.permuted(scales), "other_task": study.other(scales)}
     controls["random_update"] = study.random_update(scales)

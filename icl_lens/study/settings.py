@@ -167,6 +167,15 @@ class StudySettings:
             "each head's meta-gradients; docs/interventions.md)"
         ),
     )
+    head_scan: bool = field(
+        default=True,
+        metadata=_help(
+            "interventions without the per-head and per-layer scan of the measured queries "
+            "(the heatmaps): the all-heads values, the top-k curves and the controls only, "
+            "about a third of the forwards on a model of many heads",
+            negate=True,
+        ),
+    )
     fit_queries: int = field(
         default=32,
         metadata=_help(
@@ -195,7 +204,7 @@ class StudySettings:
             _whole(name, getattr(self, name), minimum=1, optional=True)
         if not isinstance(self.balanced, bool):
             raise SettingsError("balanced", f"must be True or False, got {self.balanced!r}")
-        for name in ("retest", "control", "interventions"):
+        for name in ("retest", "control", "interventions", "head_scan"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingsError(name, f"must be True or False, got {getattr(self, name)!r}")
         if self.other_task is not None and (
