@@ -166,10 +166,10 @@ def write_config(root: Path) -> tuple[Path, str, int]:
 
 
 def _start(argv: list[str], root: Path, name: str, env: dict) -> subprocess.Popen:
-    out = open(root / "log" / f"{name}.out", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        argv, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
-    )
+    with open(root / "log" / f"{name}.out", "wb") as out:  # the child keeps its own copy
+        return subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+        )
 
 
 def _wait(predicate, what: str, cluster_root: Path, timeout: float = 60.0):

@@ -164,13 +164,11 @@ def four_cells(slurm_cluster, files, tmp_path_factory):
     with pytest.MonkeyPatch.context() as m:
         m.setitem(launch.POLL_S, "slurm", 0.5)
         m.setenv("OMP_NUM_THREADS", "1")
-        codes = {
-            executor: main(
-                ["sweep", str(path), "--out", str(root / executor), "--quiet"]
-                + (["--executor", executor])
-            )
-            for executor in ("slurm", "local")
-        }
+        codes = {}
+        for executor in ("slurm", "local"):
+            out = str(root / executor)
+            argv = ["sweep", str(path), "--out", out, "--executor", executor, "--quiet"]
+            codes[executor] = main(argv)
     return root, Grid.from_dict(data), codes
 
 
@@ -295,12 +293,14 @@ def test_a_job_at_its_time_limit_is_requeued_by_submitit_and_finishes(
     result = finish(thread, box)
     assert result.failed == []
     status = read_status(cell_dir)
-    assert status["attempt"] == 2 and status["resumed_stages"] >= 1
+    # on a busy machine the resumed attempt can outlast its slot too: one more requeue
+    assert status["attempt"] >= 2 and status["resumed_stages"] >= 1
     job = slurm_cluster.job(job_id)
-    assert job["TimeLimit"] == "00:02:00" and job["Restarts"] == "1"
+    assert job["TimeLimit"] == "00:02:00" and int(job["Restarts"]) == status["attempt"] - 1
     log = (out / "logs" / f"{job_id}_0_log.out").read_text()
     assert "Caught signal SIGUSR2" in log and "this job is timed-out" in log
-    assert f"Requeued job {job_id} (2 remaining timeouts)" in log
+    for used in range(1, status["attempt"]):  # each requeue counts down max_num_timeout
+        assert f"Requeued job {job_id} ({3 - used} remaining timeouts)" in log
     assert_same_values(out, reference, grid.cells)
 
 
