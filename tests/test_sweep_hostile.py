@@ -540,3 +540,5 @@ def test_slurm_states_and_job_ends_are_read_as_slurm_writes_them():
         f"its log says '{end}'"
     )
     assert "no longer known to squeue or sacct" in slurm.describe_end("8_1", None)
+    unset = executors.timeout_note("slurm", Grid(run={}, grid={}))  # submitit asks for 5 min
+    assert unset.startswith("the job reached 5 minutes (submitit's default: slurm.timeout_min")
