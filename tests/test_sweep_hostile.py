@@ -514,3 +514,31 @@ def test_a_local_timeout_requeues_then_names_the_limit(inputs, tmp_path, monkeyp
     assert "local.timeout_min = 5" in failed[1]["error"]
     log = next((out / "logs").glob("*_0_log.out")).read_text()
     assert "Requeued job" in log and "timed-out too many times" in log
+
+
+def test_slurm_states_and_job_ends_are_read_as_slurm_writes_them():
+    """squeue's lines, slurmstepd's end line in a job's log (a requeue's is no end), and
+    what failures.json says of a SLURM job that left no result (tests/slurm runs them on
+    a real cluster)."""
+    import doctest
+
+    from icl_lens.sweep import slurm
+
+    assert doctest.testmod(slurm).failed == 0
+    states = slurm.parse_squeue("8_0|RUNNING|None\n8_1|PENDING|Resources\n8_2|COMPLETING|None\n")
+    assert [s.ended for s in states.values()] == [False, False, False]
+    assert str(states["8_1"]) == "pending: Resources" and str(states["8_0"]) == "running"
+    assert slurm.SlurmState("TIMEOUT").ended and slurm.SlurmState("PREEMPTED").ended
+    requeue = "JOB 9 ON n1 CANCELLED AT 2026-01-02T03:04:05 DUE TO JOB REQUEUE"
+    end = "JOB 9 ON n1 CANCELLED AT 2026-01-02T04:00:00 DUE TO TIME LIMIT"
+    requeue, limit = (f"slurmstepd-n1: error: *** {line} ***" for line in (requeue, end))
+    assert slurm.slurm_end_line(requeue) == ""
+    assert slurm.slurm_end_line(f"{requeue}\n[sweep] ...\n{limit}\n") == end
+    cancelled = slurm.SlurmState("CANCELLED", "by 1000")
+    assert slurm.describe_end("8_1", cancelled, limit) == (
+        "SLURM job 8_1 ended CANCELLED (by 1000: scancel, or an administrator); "
+        f"its log says '{end}'"
+    )
+    assert "no longer known to squeue or sacct" in slurm.describe_end("8_1", None)
+    unset = executors.timeout_note("slurm", Grid(run={}, grid={}))  # submitit asks for 5 min
+    assert unset.startswith("the job reached 5 minutes (submitit's default: slurm.timeout_min")

@@ -30,6 +30,7 @@ __all__ = [
     "EXECUTORS",
     "LOCAL_TIMEOUT_MIN",
     "SIGNAL_DELAY_S",
+    "SLURM_TIMEOUT_MIN",
     "executor_table",
     "make_executor",
     "require_executor",
@@ -39,6 +40,8 @@ __all__ = [
 EXECUTORS = ("debug", "local", "slurm")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60
 """submitit's LocalExecutor times a job out after 2 minutes unless told otherwise."""
+SLURM_TIMEOUT_MIN = 5
+"""submitit asks SLURM for 5 minutes a job unless [slurm] timeout_min says otherwise."""
 SIGNAL_DELAY_S = {"local": 30, "slurm": 90}
 """submitit's defaults: how long before the timeout the worker is signalled."""
 SLURM_GENERIC = ("timeout_min", "mem_gb", "gpus_per_node", "cpus_per_task", "name")
@@ -113,8 +116,11 @@ def _check_signal_delay(name: str, table: Mapping[str, Any]) -> None:
 def timeout_note(kind: str, grid: Grid) -> str:
     """What a job killed at its time limit should say: the limit and the keys to change."""
     table = grid.local if kind == "local" else grid.slurm
-    minutes = table.get("timeout_min", LOCAL_TIMEOUT_MIN if kind == "local" else None)
-    limit = f"{kind}.timeout_min = {minutes}" if minutes is not None else "its time limit"
+    key = "time" if "time" in table and kind == "slurm" else "timeout_min"
+    minutes = table.get(key, LOCAL_TIMEOUT_MIN if kind == "local" else None)
+    limit = f"{kind}.{key} = {minutes}"
+    if minutes is None:
+        limit = f"{SLURM_TIMEOUT_MIN} minutes (submitit's default: slurm.timeout_min is unset)"
     retries = table.get("max_num_timeout", 3)
     return (
         f"the job reached {limit} (requeued at most {kind}.max_num_timeout = {retries} "

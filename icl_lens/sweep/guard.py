@@ -7,10 +7,12 @@ Three things can still be running when ``icl-lens sweep`` is called again on a `
 - a worker, wherever it runs (a local subprocess whose submitit controller was killed,
   a SLURM job): it holds ``DIR/locks/<host>-<pid>.lock`` while it runs, next to a JSON
   file naming its host, process and job;
-- a job not started yet (SLURM: pending), or a local job's submitit controller between
-  two requeues: from ``DIR/jobs.json``. A local job id is its controller's process id;
-  one alive that is not a submitit controller of ``DIR`` (the id was reused) is stale
-  and ignored.
+- a job not started yet, or between two requeues: from ``DIR/jobs.json``. A local job
+  id is its controller's process id; one alive that is not a submitit controller of
+  ``DIR`` (the id was reused) is stale and ignored. A SLURM job blocks while ``squeue``
+  (or ``sacct``) lists it in a state that can still run a cell (pending, held,
+  requeued, running, ...; :mod:`icl_lens.sweep.slurm`); a SLURM that cannot be asked
+  blocks too, saying so.
 
 The locks are operating-system locks (``filelock``): they go when their process dies,
 however it dies, so a killed sweep never blocks the next one.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,12 +36,12 @@ from filelock import FileLock, Timeout
 
 from icl_lens.files import atomic_write_text
 from icl_lens.sweep.grid import GridError
+from icl_lens.sweep.slurm import SlurmQueryError, job_states
 
 __all__ = ["SWEEP_LOCK", "active_jobs", "hold_sweep", "hold_worker", "read_jobs"]
 
 SWEEP_LOCK = ".sweep.lock"
 WORKER_LOCKS = "locks"
-ACTIVE_SLURM = {"RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING"}
 
 
 def _free(path: Path) -> bool:
@@ -164,16 +167,29 @@ def _running_jobs(root: Path) -> list[str]:
                     f"local job {job_id} (process {job_id} is alive; if it is no icl-lens "
                     f"worker, the id was reused: delete {root / 'jobs.json'})"
                 )
-        elif record.get("executor") == "slurm":
-            import submitit
-
-            try:
-                state = submitit.SlurmJob(root / "logs", job_id).state
-            except Exception:  # no SLURM here (a copied directory): nothing can still run
-                continue
-            if state.split()[0] in ACTIVE_SLURM:
-                found.append(f"SLURM job {job_id} ({state.split()[0].lower()})")
+    if record.get("executor") == "slurm":
+        found += _queued_slurm_jobs(root, [str(job["job_id"]) for job in record["jobs"]])
     return found
+
+
+def _queued_slurm_jobs(root: Path, job_ids: list[str]) -> list[str]:
+    """The jobs of ``job_ids`` SLURM still holds in a state that can run a cell: pending
+    (queued, held, requeued) or running."""
+    if shutil.which("squeue") is None:  # no SLURM here (a copied directory)
+        return []
+    try:
+        states = job_states(job_ids)
+    except SlurmQueryError as err:
+        raise GridError(
+            f"cannot tell whether the SLURM jobs of an earlier sweep of {root} still run "
+            f"({err}); once squeue answers, run the same command again (or, if none of the "
+            f"jobs in {root / 'jobs.json'} can run any more, delete that file)"
+        ) from None
+    return [
+        f"SLURM job {job_id} ({states[job_id]})"
+        for job_id in job_ids
+        if job_id in states and not states[job_id].ended
+    ]
 
 
 def active_jobs(root: str | Path, *, command: bool = True) -> list[str]:

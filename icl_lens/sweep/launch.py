@@ -32,6 +32,7 @@ from icl_lens.files import atomic_write_text
 from icl_lens.sweep.executors import (
     EXECUTORS,
     LOCAL_TIMEOUT_MIN,
+    SLURM_TIMEOUT_MIN,
     make_executor,
     require_executor,
     timeout_note,
@@ -39,6 +40,13 @@ from icl_lens.sweep.executors import (
 from icl_lens.sweep.grid import Cell, Grid, GridError
 from icl_lens.sweep.guard import active_jobs, hold_sweep
 from icl_lens.sweep.inputs import cell_inputs, changed_cells, record_unchecked, set_aside
+from icl_lens.sweep.slurm import (
+    SlurmQueryError,
+    SlurmState,
+    describe_end,
+    job_states,
+    slurm_end_line,
+)
 from icl_lens.sweep.status import cell_directory, is_done, read_status
 from icl_lens.sweep.tables import write_tables
 from icl_lens.sweep.worker import SweepWorker
@@ -98,19 +106,15 @@ def _log_path(job) -> str | None:
         return None
 
 
-def _failure(cell: Cell, root: Path, status: dict, job=None, timed_out: str = "") -> dict:
+def _failure(cell: Cell, root: Path, status: dict, job=None, ended: str = "") -> dict:
+    """The failures.json entry of ``cell``; ``ended`` says how its job ended (a cell
+    that recorded no error of its own gets it)."""
     error = status.get("error")
     if error is None:
         reason = "was never started" if status["state"] == "pending" else "stopped mid-run"
         if status["state"] == "done":
             reason = "is marked done but its results.json is missing"
-        detail = ""
-        if job is not None:
-            exc = job.exception()
-            detail = f": {' '.join(str(exc).strip().splitlines()[:2])}" if exc else ""
-        error = f"the cell {reason}: its job ended{detail}"
-        if timed_out:
-            error += f"; {timed_out}"
+        error = f"the cell {reason}: its job ended{ended}"
     return {
         "cell": cell.id,
         "name": cell.name,
@@ -206,19 +210,22 @@ def sweep(
             f"{len(grid.cells)} cells: {result.already_done} done already, {len(todo)} to "
             f"run ({executor} executor); logs in {root / 'logs'}"
         )
-        job_of: dict[str, Any] = {}
-        timed_out: dict[str, str] = {}
-        if todo:
-            job_of, timed_out = _submit(
-                grid, root, todo, inputs, executor, max_parallel, quiet, say
+        if executor == "slurm" and todo and not {"timeout_min", "time"} & set(grid.slurm):
+            say(
+                f"warning: [slurm] sets no timeout_min: submitit asks SLURM for "
+                f"{SLURM_TIMEOUT_MIN} minutes a job (requeued at most max_num_timeout times)"
             )
+        job_of: dict[str, Any] = {}
+        ended: Callable[[Any], str] | None = None  # how a job ended, once submitted
+        if todo:
+            job_of, ended = _submit(grid, root, todo, inputs, executor, max_parallel, quiet, say)
         for cell in grid.cells:
             directory = cell_directory(root, cell)
             if is_done(directory):
                 result.done.append(cell.id)
             else:
                 job = job_of.get(cell.id)
-                note = timed_out.get(str(job.job_id), "") if job is not None else ""
+                note = ended(job) if job is not None and ended else ""
                 result.failed.append(_failure(cell, root, read_status(directory), job, note))
         atomic_write_text(root / "failures.json", json.dumps(result.failed, indent=2) + "\n")
         result.tables = write_tables(root, grid.cells)
@@ -227,7 +234,7 @@ def sweep(
 
 def _submit(grid, root, todo, inputs, executor, max_parallel, quiet, say):
     """Submit ``todo`` to workers, record the jobs, follow them; returns the job of each
-    cell and, per job that ran out its time limit, what to say about it."""
+    cell and a function saying how a job ended (for the cells it left unfinished)."""
     n_jobs = max_parallel or (len(todo) if executor == "slurm" else 1)
     plan = plan_jobs(todo, n_jobs)
     ex = make_executor(executor, root / "logs", grid, max_parallel)
@@ -251,17 +258,39 @@ def _submit(grid, root, todo, inputs, executor, max_parallel, quiet, say):
         ],
     }
     atomic_write_text(root / "jobs.json", json.dumps(record, indent=2) + "\n")
-    ended = _follow(root, todo, jobs, executor, quiet, say)
-    timed_out = {}
-    if executor != "debug":
-        table = grid.local if executor == "local" else grid.slurm
-        limit = 60 * table.get("timeout_min", LOCAL_TIMEOUT_MIN if executor == "local" else 1e9)
-        for job in jobs:
-            log = _log_text(job)
-            ran = ended.get(str(job.job_id), time.time()) - submitted
-            if "timed-out" in log or ran >= limit:
-                timed_out[str(job.job_id)] = timeout_note(executor, grid)
-    return job_of, timed_out
+    ended, states = _follow(root, todo, jobs, executor, quiet, say)
+    notes: dict[str, str] = {}
+
+    def how_it_ended(job) -> str:
+        key = str(job.job_id)
+        if key not in notes:
+            ran = ended.get(key, time.time()) - submitted
+            notes[key] = _end_note(job, executor, grid, states.get(key), ran)
+        return notes[key]
+
+    return job_of, how_it_ended
+
+
+def _end_note(job, executor: str, grid: Grid, state: SlurmState | None, ran_s: float) -> str:
+    """``": <how the job ended>[; <the time limit and the keys to raise>]"``, or ''."""
+    log = _log_text(job)
+    if executor == "slurm" and not job.paths.result_pickle.exists():
+        # killed before it could write its result (scancel, time limit, node failure):
+        # what SLURM says, not job.exception(), which would wait for sacct
+        detail = describe_end(str(job.job_id), state, log)
+        ran_out = state is not None and state.state == "TIMEOUT"
+        ran_out = ran_out or "TIME LIMIT" in slurm_end_line(log)
+    else:
+        exc = job.exception()
+        detail = " ".join(str(exc).strip().splitlines()[:2]) if exc else ""
+        if executor == "slurm":
+            ran_out = "timed-out too many times" in log
+        else:
+            table = grid.local
+            limit = 60 * table.get("timeout_min", LOCAL_TIMEOUT_MIN)
+            ran_out = executor == "local" and ("timed-out" in log or ran_s >= limit)
+    note = f": {detail}" if detail else ""
+    return note + (f"; {timeout_note(executor, grid)}" if ran_out else "")
 
 
 def _log_text(job) -> str:
@@ -272,11 +301,29 @@ def _log_text(job) -> str:
         return ""
 
 
-def _follow(root: Path, cells: list[Cell], jobs: list, executor: str, quiet: bool, say) -> dict:
+def _slurm_ended(jobs: list, ended: dict, states: dict, say) -> None:
+    """Mark the SLURM jobs that ended: their result is written, or SLURM lists them in a
+    final state, or no longer at all (submitit's job.done() asks sacct, which a cluster
+    without accounting cannot answer: a cancelled job would be followed forever)."""
+    left = [job for job in jobs if str(job.job_id) not in ended]
+    try:
+        known = job_states([str(job.job_id) for job in left])
+    except SlurmQueryError as err:
+        say(f"warning: {err}; asking again in {POLL_S['slurm']:g} s")
+        return
+    for job in left:
+        key = str(job.job_id)
+        state = states[key] = known.get(key)
+        if job.paths.result_pickle.exists() or state is None or state.ended:
+            ended[key] = time.time()
+
+
+def _follow(root: Path, cells: list[Cell], jobs: list, executor: str, quiet: bool, say):
     """Wait for ``jobs``, reporting each cell as it finishes; returns when each job was
-    first seen finished (job id -> time)."""
+    first seen finished and, on SLURM, each job's last state (job id -> each)."""
     left = {c.id: c for c in cells}
     ended: dict[str, float] = {}
+    states: dict[str, SlurmState | None] = {}
     bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=quiet)
 
     def report() -> None:
@@ -299,15 +346,17 @@ def _follow(root: Path, cells: list[Cell], jobs: list, executor: str, quiet: boo
                 job.result()
                 report()
         while True:
+            if executor == "slurm":
+                _slurm_ended(jobs, ended, states, say)
             for job in jobs:
-                if str(job.job_id) not in ended and job.done():
+                if executor != "slurm" and str(job.job_id) not in ended and job.done():
                     ended[str(job.job_id)] = time.time()
             if len(ended) == len(jobs):
                 break
             report()
             time.sleep(POLL_S[executor])
         report()
-        return ended
+        return ended, states
     except KeyboardInterrupt:
         if executor == "local":
             for job in jobs:
