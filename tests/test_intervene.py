@@ -348,8 +348,10 @@ def test_the_task_vector_is_patching_by_hand(toy):
     assert res.task_vector_layer == best
     assert res.info["task_vector"]["accuracy_on_fit"] == pytest.approx(accuracy)
     want = patched(best, icl_residual(best), plan.queries)
-    got = res.label_logits[:, column(res, intervention="task_vector", layer=best)]
+    got = res.label_logits[:, column(res, intervention="task_vector")]
     assert (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
+    at_best = column(res, intervention="task_vector", scope="layer", layer=best)
+    assert torch.equal(got, res.label_logits[:, at_best])  # the chosen layer's row
     zsl = res.label_logits[:, column(res, intervention="zsl")]
     assert (got - zsl).abs().max() > 1e-2  # the patch acts
 
@@ -372,6 +374,10 @@ def test_intervals_over_three_sets_are_the_hierarchical_ones():
         progress=False,
     )
     table = runs.table(n_resamples=400)
+    for r in runs.runs.values():  # a set's own choices (its task vector's layer) are not
+        tv = r.conditions.query("intervention == 'task_vector' and scope == 'model'")
+        assert tv["layer"].tolist() == [-1]  # keys of its conditions, or sets could not meet
+    assert one(table, intervention="task_vector", metric="margin", quantity="value")["n_sets"] == 3
     per_set = []
     for r in runs.runs.values():
         x, g = r.label_logits.double(), r.gold

@@ -146,7 +146,7 @@ class InterventionStages:
                 logits.append(same[:, None, self.labels])
             per_layer = [self.task_vector(fit, layer) for layer in range(a.n_layers)]
             chosen = fit["tv_layer"]  # chosen on the fit queries
-            conditions.append(condition("task_vector", layer=chosen))
+            conditions.append(condition("task_vector"))  # each set its own chosen layer
             logits.append(per_layer[chosen][:, None])
             for layer, tv in enumerate(per_layer):
                 conditions.append(condition("task_vector", scope="layer", layer=layer))
