@@ -1,7 +1,7 @@
 """The interventions study of docs/interventions.md: run it, then its tables.
 
-    python scripts/intervention_study.py run --model toy --task toy-5 --shots 8 \
-        --seeds 1 2 3 --max-queries 32 --fit-queries 16 --out runs/iv-toy
+    python scripts/intervention_study.py run --model toy --task toy-3 --shots 16 \
+        --seeds 1 2 3 --max-queries 64 --fit-queries 32 --lr-grid 0.1,0.3,1 --out runs/iv-toy
     python scripts/intervention_study.py run --model $(python -m icl_lens.model.wheels) \
         --task mr --shots 16 --max-queries 24 --fit-queries 12 --no-head-scan \
         --out runs/iv-mr
@@ -38,10 +38,10 @@ def _model(names: list[str]):
 
 
 def _task(name: str):
-    if name.startswith("toy-"):  # a held-out instance of the toy family, arbitrary labels
+    if name.startswith("toy-"):  # a held-out instance of the toy family (the demo's: toy-3)
         from icl_lens.toy import toy_task
 
-        return toy_task(int(name.split("-", 1)[1]), kind="arbitrary")
+        return toy_task(int(name.split("-", 1)[1]), n_train=128, n_validation=64)
     return il.load_task(name, source="staicc")
 
 
