@@ -41,7 +41,7 @@ def _task(name: str):
     if name.startswith("toy-"):  # a held-out instance of the toy family (the demo's: toy-3)
         from icl_lens.toy import toy_task
 
-        return toy_task(int(name.split("-", 1)[1]), n_train=128, n_validation=64)
+        return toy_task(int(name.split("-", 1)[1]), n_train=64, n_validation=256)
     return il.load_task(name, source="staicc")
 
 
