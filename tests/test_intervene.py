@@ -694,3 +694,17 @@ def test_without_the_head_scan_only_the_heatmaps_go(toy):
     kept = full.frame[~scanned(full.frame)].merge(lean.frame, on=keys, suffixes=("", "_lean"))
     assert len(kept) == len(lean.frame) == (~scanned(full.frame)).sum()
     np.testing.assert_allclose(kept["value"], kept["value_lean"], equal_nan=True)
+
+
+def test_an_accuracy_interval_stays_in_its_range():
+    """A t interval over sets can reach past 1 (ICL right on nearly every query); an
+    accuracy is a share of queries, so its interval is cut to [0, 1], as the
+    comparison's are to their metric's range."""
+    conditions = pd.DataFrame([condition("icl"), condition("blind")])
+    right = np.array([[[3.0, 0.0], [0.0, 1.0]]] * 30)  # ICL right, Blind wrong
+    sets = [(right.copy(), np.zeros(30, int)) for _ in range(3)]
+    sets[2][0][:2, 0] = [[0.0, 3.0]] * 2  # one set: ICL wrong on 2 queries
+    table = intervention_frame(sets, conditions, n_resamples=200, n_sets=True)
+    acc = table.query("metric == 'accuracy' and quantity == 'value'")
+    assert (acc["ci_high"] <= 1.0).all() and (acc["ci_low"] >= 0.0).all()
+    assert one(acc, intervention="icl")["ci_high"] == 1.0  # cut: the t interval reached past

@@ -189,6 +189,8 @@ def intervention_frame(
         means = query_means(values, n_resamples=n_resamples, seed=seed)
         n = means.n_queries
         value, low, high, outer = set_interval(means.point, means.reps, n, confidence=confidence)
+        if metric == "accuracy":  # a share of queries: its interval cut to [0, 1]
+            low, high = np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)
         for i in range(len(keys)):
             rows[i, metric, "value"] = _row(value[i], low[i], high[i], n, outer[i], None)
         for baseline, base in refs.items():
