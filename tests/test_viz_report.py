@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 
 import pandas as pd
@@ -197,8 +198,6 @@ def test_attention_comparison(model, prompt):
 
 
 def test_collect_views_finetunes_and_names_the_labels(model, prompt):
-    pytest.importorskip("icl_lens.study.finetune")
-    pytest.importorskip("icl_lens.study.predict")
     spec = il.TaskSpec("t", "Sentence: {text} Label:", (" bad", " good"), separator=" \n")
     data = collect_views(model, prompt, ft_lr=0.5, spec=spec, k=1)
     assert data.labels == ("bad", "good")
@@ -427,9 +426,8 @@ def test_report_cli(run_dir, tmp_path, capsys):
 
 
 def test_report_subcommand_is_registered(run_dir, tmp_path):
-    cli = pytest.importorskip("icl_lens.cli")
-    if "report" not in cli.SUBCOMMANDS:
-        pytest.skip("the report subcommand is not registered in icl_lens.cli yet")
+    from icl_lens import cli
+
     out = tmp_path / "cli.html"
     assert cli.main(["report", str(run_dir), "--out", str(out)]) == 0
     assert out.is_file()
@@ -445,7 +443,10 @@ def test_report_subcommand_is_registered(run_dir, tmp_path):
 def browser():
     binary = find_chromium()
     if binary is None:
-        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
+        message = "chromium is not installed (apt-get install chromium)"
+        if os.environ.get("ICL_LENS_NEED_CHROMIUM"):  # CI installs it: there a miss fails
+            pytest.fail(message)
+        pytest.skip(message)
     b = Chromium(binary)
     yield b
     b.close()
@@ -533,7 +534,8 @@ def test_the_browser_check_catches_an_unescaped_token(browser, dec, monkeypatch,
 
 
 def test_report_from_a_comparison(tmp_path, run_dir):
-    comparison = pytest.importorskip("icl_lens.study.comparison")
+    from icl_lens.study import comparison
+
     cmp = comparison.Comparison(
         accuracy={"zsl": 0.5, "icl": 0.75, "ft": 0.625},
         frame=_metrics_frame(),
