@@ -54,7 +54,13 @@ import scipy.stats
 
 from .summary import ALL, Values, _as_3d, _levels, _nanmean, _quantiles, _resample_counts
 
-__all__ = ["HierarchicalCI", "hierarchical_bootstrap", "hierarchical_table"]
+__all__ = [
+    "HierarchicalCI",
+    "hierarchical_bootstrap",
+    "hierarchical_table",
+    "interval_over_sets",
+    "run_tree",
+]
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,13 @@ def _run_stats(x: np.ndarray, w: np.ndarray) -> list[np.ndarray]:
     return list(_levels(num, den))
 
 
-def _tree(keys: Sequence[tuple]) -> list:
-    """Nested lists of run indices grouped by successive key elements, in first-seen order."""
+def run_tree(keys: Sequence[tuple]) -> list:
+    """Nested lists of run indices grouped by successive key elements, in first-seen order
+    (the ``tree`` of :func:`interval_over_sets`).
+
+    >>> run_tree([(1, 0), (1, 1), (2, 0)])
+    [[0, 1], [2]]
+    """
 
     def build(indices: list[int], depth: int):
         if depth == len(keys[0]):
@@ -130,12 +141,19 @@ def _nanvar(x: np.ndarray, axis: int, ddof: int = 0) -> np.ndarray:
         return np.nanvar(x, axis=axis, ddof=ddof)
 
 
-def _interval(tree, point, reps, n_queries, shared, confidence):
-    """The interval of one summary level (cells, layers or overall).
+def interval_over_sets(tree, point, reps, n_queries, shared, confidence):
+    """The nested mean of per-run statistics and its interval (the module's): a t
+    interval over the outer groups plus what the shared queries add, or, with one outer
+    group, the next level that has two, else the percentile interval of the query
+    resamples. Every summary level of :func:`hierarchical_bootstrap` is one call; a
+    statistic that is no mean over queries (a ratio of means) takes it the same way.
 
-    ``point``: per-run statistics ``(run, ...)``; ``reps``: the same under the query
-    resamples ``(resample, run, ...)``; ``n_queries``: queries with a defined value
-    ``(...)``. Returns the value, low, high and defined outer groups, each ``(...)``.
+    ``tree``: :func:`run_tree` of the run keys; ``point``: per-run statistics
+    ``(run, ...)`` (NaN: undefined, skipped); ``reps``: the same under the query
+    resamples ``(resample, run, ...)``, the same resamples in every run where
+    ``shared`` (:func:`~icl_lens.analyses.summary._resample_counts`); ``n_queries``:
+    queries with a defined value ``(...)``. Returns the value, low, high and defined
+    outer groups, each ``(...)``.
     """
     value = _nested_mean(tree, point)
     by_run = np.moveaxis(reps, 1, 0)
@@ -190,7 +208,7 @@ def _hierarchical(runs, shared_queries, confidence, n_resamples, seed, bounds=No
             f"shared_queries needs the same queries in every run, got sizes {sorted(sizes)}; "
             "pass shared_queries=False for runs on different queries"
         )
-    tree = _tree(keys)
+    tree = run_tree(keys)
     shape = arrays[0].shape[1:]
     # row 0: each run as it is; then its query resamples
     stats = [np.full((n_resamples + 1, len(arrays), *s), np.nan) for s in (shape, shape[:1], ())]
@@ -212,7 +230,7 @@ def _hierarchical(runs, shared_queries, confidence, n_resamples, seed, bounds=No
         np.asarray(max(int(o.any(axis=(1, 2)).sum()) for o in ok)),
     ]
     levels = [
-        _interval(tree, st[0], st[1:], nq, shared_queries, confidence)
+        interval_over_sets(tree, st[0], st[1:], nq, shared_queries, confidence)
         for st, nq in zip(stats, n_queries, strict=True)
     ]
     if bounds is not None:  # the true value lies in the metric's range: cutting there

@@ -21,8 +21,8 @@ so the interventions of one query share a batch: a per-head scan of a query is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from icl_lens.hooks.interventions import DemoKV, Intervention, InterventionHooks
@@ -39,13 +39,17 @@ __all__ = ["InterventionLogits", "InterventionRunner"]
 
 @dataclass
 class InterventionLogits:
-    """``logits[i, j]``: the logits at query ``i``'s last token under intervention ``j``."""
+    """``logits[i, j]``: the logits at query ``i``'s last token under intervention ``j``
+    (the vocabulary entries ``run`` was asked to ``keep``, else all)."""
 
-    logits: Float[Tensor, "query intervention d_vocab"]
+    logits: Float[Tensor, "query intervention vocab"]
     names: tuple[str, ...]
     path: str
     """``"cache"`` (the prefix's cache reused) or ``"full"`` (full forwards, see the
     PrefixRunner's ``reason``)."""
+    captured: dict[str, Tensor] = field(default_factory=dict)
+    """Per hook name asked to ``capture``: its activation at query ``i``'s last token
+    under intervention ``j``, ``[query, intervention, ...]``, as the interventions left it."""
 
 
 class InterventionRunner:
@@ -104,12 +108,18 @@ class InterventionRunner:
         *,
         batch_size: int = 64,
         hooks: Sequence[tuple[str, HookFn]] = (),
+        capture: Sequence[str] = (),
+        keep: Sequence[int] | None = None,
         progress: bool = False,
     ) -> InterventionLogits:
         """Logits at each query's last token under each intervention.
 
         ``batch_size`` rows (pairs) per forward; ``hooks`` are added to every forward
-        after the interventions' (e.g. a capture of what the intervention did)."""
+        after the interventions' (e.g. a capture of what the intervention did);
+        ``capture``: hook names whose activations at each query's last token are kept
+        (after the interventions' hooks: ``hook_z`` with a transplant's term), in
+        ``captured``; ``keep``: the vocabulary entries kept of the logits (e.g. the
+        label words' tokens), default all."""
         if not queries or not interventions:
             raise ValueError("give at least one query and one intervention")
         if batch_size < 1:
@@ -124,7 +134,13 @@ class InterventionRunner:
                 )
         demo = self.demo_kv(queries[0])
         pairs = [(i, j) for i in range(len(queries)) for j in range(len(interventions))]
-        out = torch.empty(len(queries), len(interventions), a.d_vocab)
+        cols = None if keep is None else torch.as_tensor(list(keep), dtype=torch.long)
+        width = a.d_vocab if cols is None else len(cols)
+        out = torch.empty(len(queries), len(interventions), width)
+        taken: dict[str, list[Tensor]] = {name: [] for name in capture}
+        now: dict[str, Tensor] = {}  # the current batch's (a retried forward overwrites)
+        last: list[Tensor] = []  # the current batch's query lengths
+        takers = [(name, _take_last(now, name, last)) for name in capture]
         chunks = range(0, len(pairs), batch_size)
         made: dict[tuple[int, ...], list] = {}  # batches of the same interventions share hooks
         for start in tqdm(chunks, desc="interventions", disable=not progress):
@@ -135,18 +151,40 @@ class InterventionRunner:
                 made[which] = InterventionHooks(a, specs, demo).hooks()
             own = made[which]
             qs = [queries[i] for i, _ in rows]
+            last[:] = [torch.tensor([len(q) for q in qs])]
             got = self.prefix_runner.run(
-                qs, logit_positions=[[len(q) - 1] for q in qs], hooks=own + list(hooks)
+                qs, logit_positions=[[len(q) - 1] for q in qs], hooks=own + list(hooks) + takers
             )
-            for (i, j), row in zip(rows, got.logits[:, 0].float().cpu(), strict=True):
+            for name in capture:
+                taken[name].append(now.pop(name))
+            logits = got.logits[:, 0].float().cpu()
+            logits = logits if cols is None else logits[:, cols]
+            for (i, j), row in zip(rows, logits, strict=True):
                 out[i, j] = row
-        return InterventionLogits(out, tuple(x.name for x in interventions), self.path)
+        captured = {}
+        for name, parts in taken.items():
+            flat = torch.cat(parts)  # pairs in order, query-major
+            captured[name] = flat.reshape(len(queries), len(interventions), *flat.shape[1:])
+        names = tuple(x.name for x in interventions)
+        return InterventionLogits(out, names, self.path, captured)
 
     def zero_shot(
-        self, queries: Sequence[Int[Tensor, " query"]], *, same_positions: bool = False
-    ) -> Float[Tensor, "query d_vocab"]:
+        self,
+        queries: Sequence[Int[Tensor, " query"]],
+        *,
+        same_positions: bool = False,
+        replace_last: Mapping[str, Tensor] | None = None,
+        capture: Sequence[str] = (),
+        keep: Sequence[int] | None = None,
+    ) -> Float[Tensor, "query vocab"]:
         """Logits at each query's last token without the demonstrations: the prefix's
         other tokens (BOS) and the query, in one plain forward (no cache, no hooks).
+
+        ``replace_last``: hook name -> a vector put in place of that activation at each
+        query's last token (a patch, e.g. a task vector into ``hook_resid_post``);
+        ``capture``: hook names whose activations at each query's last token are
+        returned as well (``(logits, {name: [query, ...]})``); ``keep``: the vocabulary
+        entries kept, default all.
 
         ``same_positions=True`` keeps every token at its ICL position (position ids
         offset past the demonstrations), where Blind differs from it only through what
@@ -175,11 +213,49 @@ class InterventionRunner:
             ids = torch.cat([kept, torch.arange(n, n + width - len(lead))])
             extra["position_ids"] = ids[None].expand(len(queries), -1).to(a.device)
         last = (lengths - 1)[:, None].to(a.device)
+        hooks = [logit_hook(last)]
+        for name, vector in (replace_last or {}).items():
+            hooks.append((name, _put_last(vector, lengths)))
+        taken: dict[str, Tensor] = {}
+        hooks += [(name, _take_last(taken, name, [lengths])) for name in capture]
         with a.inference():
             logits = a.forward(
                 tokens.to(a.device),
-                fwd_hooks=[logit_hook(last)],
+                fwd_hooks=hooks,
                 attention_mask=mask.to(a.device),
                 **extra,
             )
-        return logits[:, 0].float().cpu()
+        logits = logits[:, 0].float().cpu()
+        if keep is not None:
+            logits = logits[:, torch.as_tensor(list(keep), dtype=torch.long)]
+        if capture:
+            return logits, taken
+        return logits
+
+
+def _take_last(store: dict[str, Tensor], name: str, lengths: list[Tensor]) -> HookFn:
+    """A hook putting ``x[b, last_b]`` in ``store[name]`` (CPU, float32): ``lengths[0]``
+    holds the current batch's query lengths; the positions axis (1) holds the prefix or
+    not, and right padding after the longest."""
+
+    def hook(x: Tensor, hook=None) -> None:
+        n = lengths[0].to(x.device)
+        first = x.shape[1] - int(n.max())
+        rows = torch.arange(x.shape[0], device=x.device)
+        store[name] = x[rows, first + n - 1].detach().float().cpu()
+
+    return hook
+
+
+def _put_last(vector: Tensor, lengths: Tensor) -> HookFn:
+    """A hook putting ``vector`` at each row's last token (positions axis 1)."""
+
+    def hook(x: Tensor, hook=None) -> Tensor:
+        n = lengths.to(x.device)
+        first = x.shape[1] - int(n.max())
+        rows = torch.arange(x.shape[0], device=x.device)
+        out = x.clone()
+        out[rows, first + n - 1] = vector.to(device=x.device, dtype=x.dtype)
+        return out
+
+    return hook

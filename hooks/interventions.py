@@ -24,6 +24,8 @@ query is one batch.
     against the query-side scores of this forward.
 
 ICL, Blind, Restore(H) are knockouts (:func:`icl`, :func:`blind`, :func:`restore`).
+:func:`added_update` is Blind with ``z_B,t + U_h q_t`` on the heads in H for given
+matrices ``U_h`` (a control: a random matrix of dW_ICL's norm, :meth:`DemoKV.update_norms`).
 
 >>> import icl_lens as il
 >>> from icl_lens.hooks.intervention_runner import InterventionRunner
@@ -50,6 +52,7 @@ __all__ = [
     "DemoKV",
     "Intervention",
     "InterventionHooks",
+    "added_update",
     "all_heads",
     "blind",
     "head_mask",
@@ -70,9 +73,11 @@ class Intervention:
     ``knockout[l, h]``: the head's demonstration keys are removed (renormalised over the
     rest). ``transplant[l, h]``: the knocked-out output gets a transplant term back:
     ``alpha z_D + (1 - alpha) z_B`` where ``softmax[l, h]``, else ``z_B + scale[l, h]
-    dW_ICL q``. A transplanted head must be knocked out (the term replaces what the
-    knockout removed). Build one with :func:`knockout`, :func:`restore`,
-    :func:`transplant`, :func:`icl` or :func:`blind`.
+    dW_ICL q``, plus ``update[l, h] q`` where ``update`` is given (an additive per-head
+    matrix term, ``[layer, head, d_head, d_head]``). A transplanted head must be knocked
+    out (the term replaces what the knockout removed). Build one with :func:`knockout`,
+    :func:`restore`, :func:`transplant`, :func:`added_update`, :func:`icl` or
+    :func:`blind`.
     """
 
     knockout: Bool[Tensor, "layer head"]
@@ -80,6 +85,7 @@ class Intervention:
     softmax: Bool[Tensor, "layer head"]
     scale: Float[Tensor, "layer head"]
     name: str = ""
+    update: Float[Tensor, "layer head d_head d_head"] | None = None
 
     def __post_init__(self):
         parts = (self.knockout, self.transplant, self.softmax, self.scale)
@@ -95,6 +101,21 @@ class Intervention:
             raise ValueError("softmax marks transplanted heads only")
         if not torch.isfinite(self.scale).all():
             raise ValueError("the linear transplant's scales must be finite")
+        if self.update is not None:
+            u = self.update
+            if (
+                u.ndim != 4
+                or tuple(u.shape[:2]) != tuple(self.knockout.shape)
+                or (u.shape[2] != u.shape[3])
+            ):
+                raise ValueError(
+                    f"update must be [n_layers, n_heads, d_head, d_head] "
+                    f"({list(self.knockout.shape)} heads); got {list(u.shape)}"
+                )
+            if not torch.isfinite(u).all():
+                raise ValueError("the update matrices must be finite")
+            if self.softmax.any():
+                raise ValueError("an update adds to the linear form: no softmax heads with it")
 
     @property
     def linear_scale(self) -> Float[Tensor, "layer head"]:
@@ -206,6 +227,34 @@ def transplant(
     return Intervention(full, mask, softmax, scale, f"transplant({_label(mask)}, {form})")
 
 
+def added_update(
+    adapter: ModelAdapter,
+    heads: Heads,
+    update: Float[Tensor, "layer head d_head d_head"],
+    *,
+    name: str = "",
+) -> Intervention:
+    """Blind, and each head in H gets ``z_B,t + update[l, h] q_t`` at the query
+    positions (q_t as the linear transplant reads it: post-rotary, no score scale).
+
+    >>> from types import SimpleNamespace
+    >>> a = SimpleNamespace(n_layers=1, n_heads=2)
+    >>> added_update(a, [(0, 1)], torch.zeros(1, 2, 4, 4)).name
+    'update(L0H1)'
+    """
+    mask = head_mask(adapter, heads)
+    full = torch.ones_like(mask)
+    update = torch.as_tensor(update, dtype=torch.float32).detach().cpu()
+    return Intervention(
+        full,
+        mask,
+        torch.zeros_like(mask),
+        torch.zeros(mask.shape),
+        name or f"update({_label(mask)})",
+        update=update,
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class DemoKV:
     """The demonstrations' keys and values (post-QK-norm, post-rotary keys, as the model
@@ -235,6 +284,17 @@ class DemoKV:
 
         return cls(positions, len(demo_mask), tuple(map(demo, k)), tuple(map(demo, v)))
 
+    def update_norms(self) -> Float[Tensor, "layer head"]:
+        """Frobenius norm of each head's dW_ICL = sum_i v_i k_i^T over every
+        demonstration key (a query that sees only some of them, in a sliding window,
+        gets a part of it)."""
+        return torch.stack(
+            [
+                torch.linalg.matrix_norm(torch.einsum("nhd,nhe->hde", v, k))
+                for k, v in zip(self.keys, self.values, strict=True)
+            ]
+        )
+
 
 class InterventionHooks:
     """The hooks that apply one :class:`Intervention` per batch row.
@@ -252,6 +312,7 @@ class InterventionHooks:
         self.moved = torch.stack([x.transplant for x in interventions])
         self.soft = torch.stack([x.softmax for x in interventions])
         self.scale = torch.stack([x.linear_scale for x in interventions])
+        self.updates = {i: x.update for i, x in enumerate(interventions) if x.update is not None}
         linear = self.moved & ~self.soft
         self.linear_layers = linear.any(-1).any(0).tolist()
         self.softmax_layers = self.soft.any(-1).any(0).tolist()
@@ -286,11 +347,25 @@ class InterventionHooks:
         key = (what, layer)
         if key not in self._on_device:
             rows = self.moved[:, layer].any(-1).nonzero()[:, 0]
+            added = [r for r in rows.tolist() if r in self.updates]
             table = {
                 "rows": lambda: rows,
                 "scale": lambda: self.scale[rows, layer][:, None, :, None],  # row 1 head 1
                 "soft": lambda: self.soft[rows, layer][:, None, :, None],
                 "demo": lambda: self.demo.positions,
+                # the rows with an update term: their index among ``rows``, their matrices
+                # (zero on the heads the row does not transplant)
+                "added": lambda: torch.tensor([rows.tolist().index(r) for r in added]),
+                "update": lambda: (
+                    torch.stack(
+                        [
+                            self.updates[r][layer] * self.moved[r, layer][:, None, None]
+                            for r in added
+                        ]
+                    )
+                    if added
+                    else torch.zeros(0)
+                ),
             }
             self._on_device[key] = table[what]().to(device)
         return self._on_device[key]
@@ -383,6 +458,11 @@ class InterventionHooks:
         if self.linear_layers[layer]:
             linear = torch.einsum("rhtn,nhd->rthd", key_dot_query, v)
             out = zf + self._plan("scale", layer, device) * linear
+            added = self._plan("added", layer, device)
+            if len(added):
+                update = self._plan("update", layer, device)  # added head d e
+                term = torch.einsum("ahde,athe->athd", update, q[added].float())
+                out = out.index_add(0, added, term)
         if self.softmax_layers[layer]:
             # the softmax over the model's own query-side scores and, on the demonstration
             # keys, scale * q . k: its demonstration weights are alpha softmax_D

@@ -19,6 +19,8 @@ from icl_lens.study.compare import compare
 from icl_lens.study.comparison import Comparison
 from icl_lens.study.duality import Decomposition, decompose
 from icl_lens.study.finetune import FinetuneResult, finetune
+from icl_lens.study.intervention_result import Interventions, InterventionSet
+from icl_lens.study.interventions import intervene, intervene_runs
 from icl_lens.study.lr_search import search_lr
 from icl_lens.study.predict import Predictions, predict
 from icl_lens.study.records import Records, record
@@ -32,6 +34,8 @@ __all__ = [
     "Decomposition",
     "Example",
     "FinetuneResult",
+    "InterventionSet",
+    "Interventions",
     "ModelAdapter",
     "Predictions",
     "PrefixRunner",
@@ -49,6 +53,8 @@ __all__ = [
     "decompose",
     "finetune",
     "icl_prompt",
+    "intervene",
+    "intervene_runs",
     "load_model",
     "load_task",
     "predict",

@@ -28,7 +28,7 @@ from icl_lens.study.settings import SettingsError, StudySettings
 
 __all__ = ["add_study_options", "option_flag", "study_settings"]
 
-_TEXT = ("lr_grid", "protocol", "ft_mode", "lr_selection")
+_TEXT = ("lr_grid", "protocol", "ft_mode", "lr_selection", "other_task")
 """Fields the command line reads as text (the rest are whole numbers or switches)."""
 
 

@@ -36,7 +36,14 @@ from icl_lens.study.plan import StudyPlan
 from icl_lens.study.predict import predict_queries
 from icl_lens.study.records import Records, record
 
-__all__ = ["ModeOutcome", "StudyRun", "finetune_mode", "ft_key", "untrained_control"]
+__all__ = [
+    "ModeOutcome",
+    "StudyRun",
+    "chosen_ft",
+    "finetune_mode",
+    "ft_key",
+    "untrained_control",
+]
 
 
 def ft_key(mode: str, modes: tuple[str, ...]) -> str:
@@ -201,6 +208,29 @@ def _search(run: StudyRun, mode: str) -> tuple[list[LrTrial], BestTrial]:
     return trials, kept
 
 
+def chosen_ft(run: StudyRun, mode: str) -> tuple[list[LrTrial], float, str | None, dict]:
+    """FT in ``mode`` as the comparison runs it (its stages): the lr search, the chosen
+    rate's training and its recordings. Returns the trials, the rate, the lr edge flag
+    and the ``ft`` stage (``records``: the finetuned model's :class:`Records` as a
+    dict, ``train_queries``, ``losses``)."""
+    p, tag = run.plan, _tag(mode)
+    trials, kept = _search(run, mode)
+    best = select_lr(trials)
+    s = p.settings
+    edge = lr_edge_flag(trials, grid=s.lr_values, max_extra=s.lr_extend)
+    ft = run.train(
+        f"{tag}ft",
+        lambda: run.adapter,
+        p.ft_prompt,
+        best.lr,
+        mode,
+        reuse=lambda: kept.take(run.adapter, best.lr),
+    )
+    if ft["diverged"]:  # cannot happen for a deterministic rerun of a converged trial
+        raise RuntimeError(f"finetuning at the selected lr={best.lr:g} diverged on its rerun")
+    return trials, best.lr, edge, ft
+
+
 def finetune_mode(
     run: StudyRun,
     mode: str,
@@ -212,33 +242,20 @@ def finetune_mode(
     """FT in ``mode``: the lr search, the chosen model's recordings, the metrics against
     ICL, and (with ``icl_retest``) both test-retest ceilings."""
     p, tag = run.plan, _tag(mode)
-    trials, kept = _search(run, mode)
-    best = select_lr(trials)
-    s = p.settings
-    edge = lr_edge_flag(trials, grid=s.lr_values, max_extra=s.lr_extend)
+    trials, lr, edge, ft = chosen_ft(run, mode)
     flags = [f"{mode} FT: {edge}"] if edge else []
-    ft = run.train(
-        f"{tag}ft",
-        lambda: run.adapter,
-        p.ft_prompt,
-        best.lr,
-        mode,
-        reuse=lambda: kept.take(run.adapter, best.lr),
-    )
-    if ft["diverged"]:  # cannot happen for a deterministic rerun of a converged trial
-        raise RuntimeError(f"finetuning at the selected lr={best.lr:g} diverged on its rerun")
     ft_rec = Records.from_dict(ft["records"])
     ft_tokens = run.ft_tokens(ft)
     opts = run.measure_opts()
     main = measure(zsl, icl, ft_rec, tokens=(icl_tokens, ft_tokens), **opts)
     parts = [main.frame]
     values = {k: {(): v} for k, v in main.values().items()}
-    outcome = ModeOutcome(mode, best.lr, trials, edge, ft_rec, main, parts, values, flags=flags)
+    outcome = ModeOutcome(mode, lr, trials, edge, ft_rec, main, parts, values, flags=flags)
     if icl_retest is None:
         return outcome
     parts.append(retest_rows(icl_retest, ICL_RETEST))
     values.update(retest_values(icl_retest, ICL_RETEST))
-    ft2 = run.train(f"{tag}ft-retest", lambda: run.adapter, p.ft_retest_prompt, best.lr, mode)
+    ft2 = run.train(f"{tag}ft-retest", lambda: run.adapter, p.ft_retest_prompt, lr, mode)
     if ft2["diverged"]:
         flags.append(f"{mode} FT: no ft_retest, training in the other order diverged")
         return outcome

@@ -48,9 +48,11 @@ from icl_lens.study.settings import StudySettings
 
 __all__ = ["StudyPlan", "plan_study"]
 
-UNBOUND = ("max_queries", "lr_grid", "batch_size")
+UNBOUND = ("max_queries", "lr_grid", "batch_size", "interventions", "fit_queries", "other_task")
 """Settings a checkpoint directory is not bound to as given: the queries and the grid
-are bound as resolved (``n_queries``, ``lr_grid``), the batch size not at all."""
+are bound as resolved (``n_queries``, ``lr_grid``), the batch size not at all, nor the
+interventions' settings (their stages name what they depend on), so that adding
+``--interventions`` to a finished run reuses every stage of the comparison."""
 
 
 @dataclass

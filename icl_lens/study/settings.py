@@ -77,6 +77,10 @@ class StudySettings:
     order (``retest_seed``), the test-retest ceilings. ``control``: the same
     architecture with untrained weights, ``n_draws`` draws from ``control_seed``.
     ``batch_size``: queries per forward; ``n_resamples``: bootstrap resamples.
+    ``interventions``: also the causal tests of :func:`~icl_lens.intervene` (``icl-lens run
+    --interventions``), fitted on ``fit_queries`` held-out training examples, with
+    ``other_task``'s demonstrations as a control. They do not bind a checkpoint
+    directory: adding them to a finished comparison reuses its stages.
     """
 
     shots: int = field(default=32, metadata=_help("demonstrations k (default 32)"))
@@ -156,9 +160,32 @@ class StudySettings:
     n_resamples: int = field(
         default=1000, metadata=_help("bootstrap resamples of every interval (default 1000)")
     )
+    interventions: bool = field(
+        default=False,
+        metadata=_help(
+            "also run the causal tests of the dual form (knock out, restore and transplant "
+            "each head's meta-gradients; docs/interventions.md)"
+        ),
+    )
+    fit_queries: int = field(
+        default=32,
+        metadata=_help(
+            "held-out training examples (neither demonstrations nor measured) on which the "
+            "interventions fit their per-head scales, rank the heads and choose the task "
+            "vector's layer (default 32)"
+        ),
+    )
+    other_task: str | None = field(
+        default=None,
+        metadata=_help(
+            "task (paper name or file) whose demonstrations make the interventions' "
+            "other-task control (default: a fixed partner of a paper task, another toy "
+            "instance; none for a local file)"
+        ),
+    )
 
     def __post_init__(self):
-        for name in ("shots", "lr_extend", "batch_size", "n_resamples", "n_draws"):
+        for name in ("shots", "lr_extend", "batch_size", "n_resamples", "n_draws", "fit_queries"):
             _whole(name, getattr(self, name), minimum=0 if name == "lr_extend" else 1)
         for name in ("seed", "retest_seed", "control_seed"):
             _whole(name, getattr(self, name), minimum=0, why=" (it seeds a random generator)")
@@ -168,9 +195,15 @@ class StudySettings:
             _whole(name, getattr(self, name), minimum=1, optional=True)
         if not isinstance(self.balanced, bool):
             raise SettingsError("balanced", f"must be True or False, got {self.balanced!r}")
-        for name in ("retest", "control"):
+        for name in ("retest", "control", "interventions"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingsError(name, f"must be True or False, got {getattr(self, name)!r}")
+        if self.other_task is not None and (
+            not isinstance(self.other_task, str) or not self.other_task.strip()
+        ):
+            raise SettingsError(
+                "other_task", f"must be a task name or file, or None; got {self.other_task!r}"
+            )
         _choice("protocol", self.protocol, PROTOCOLS)
         _choice("lr_selection", self.lr_selection, LR_SELECTIONS)
         object.__setattr__(self, "ft_mode", _ft_mode(self.ft_mode))
