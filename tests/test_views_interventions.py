@@ -5,6 +5,7 @@ the Blind forward, on four architectures."""
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import math
 
@@ -273,8 +274,10 @@ def test_transplant_view_round_trip_and_refusals(setup):
 
     with pytest.raises(ValueError, match="ICL forward's meta-gradients"):
         views.view_transplant(meta_gradients(icl, 1, 0))
-    with pytest.raises(ValueError, match="give the model, layer and head"):
+    with pytest.raises(ValueError, match="give the model whose"):
         views.view_transplant(prompt)
+    with pytest.raises(ValueError, match="give the model, layer and head"):
+        views.view_transplant(prompt, a)
     with pytest.raises(ValueError, match="kind must be one of"):
         MetaGradients.from_dict({**mg.to_dict(), "kind": "other"})
 
@@ -288,6 +291,64 @@ def test_decompose_refuses_a_transplant_or_another_models_intervention(setup):
         il.decompose(a, prompt, intervention=iv.blind(other))
     with pytest.raises(TypeError, match="must be an Intervention"):
         il.decompose(a, prompt, intervention="blind")
+
+
+# ---------------------------------------------------------------------------------------
+# on a real result: il.intervene on the toy model
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_run():
+    from icl_lens.toy import toy_task
+
+    model = il.toy_model()
+    task = toy_task(0, kind="arbitrary", n_validation=12)
+    result = il.intervene(model, task, shots=4, seed=0, lr_grid="0.1", fit_queries=8,
+                          n_resamples=50, progress=False)  # fmt: skip
+    return model, result
+
+
+def test_views_of_a_real_result(toy_run):
+    model, result = toy_run
+    heads = views.plot_heads(result, metric="accuracy")
+    rows = _pick(result.frame, scope="head", control="none", metric="accuracy",
+                 intervention="knockout", quantity="removed")  # fmt: skip
+    want = rows.pivot(index="layer", columns="head", values="value").to_numpy()
+    got = np.ma.filled(heads.axes[0].images[0].get_array().astype(float), np.nan)
+    np.testing.assert_array_equal(got, want)
+    curve = views.plot_curve(result)
+    (line,) = [x for x in curve.axes[0].lines if x.get_label() == "Restore(top-k)"]
+    assert line.get_xdata().tolist() == [1, 2, 4, 8, 12]
+
+
+def test_transplant_of_a_measured_query(toy_run):
+    model, result = toy_run
+    tok = model.tokenizer
+    prompt = views.query_prompt(result, 2, tok)
+    assert prompt.tokens.tolist() == result.prompt.prefix.tolist() + result.queries[2].tolist()
+    assert prompt.label == int(result.gold[2]) and len(prompt.str_tokens) == prompt.n_tokens
+    mg = views.transplant_data(result, model, query=2)
+    layer, head = result.ranking[0]  # default: the most necessary head
+    assert (mg.layer, mg.head) == (layer, head)
+    assert mg.stats["fitted_scale"] == pytest.approx(float(result.scales[layer, head]))
+    gold = int(result.gold[2])
+    words = [tok.decode([i]).strip() for i in result.label_ids]
+    assert mg.labels == (words[1 - gold], words[gold])  # toward the gold label word
+    # the same terms as transplant_terms on that prompt and the (other, gold) pair
+    pair = (result.label_ids[1 - gold], result.label_ids[gold])
+    again = views.transplant_terms(model, prompt, layer, head, label_tokens=pair)
+    assert (
+        again.values["label effect"] == mg.values[f"push toward {words[gold]} vs {words[1 - gold]}"]
+    )
+    view = result.view_transplant(model, layer, head, query=2)
+    assert view.components[0].props["values"] == mg.view().components[0].props["values"]
+    with pytest.raises(IndexError, match="a measured query"):
+        views.query_prompt(result, len(result.queries), tok)
+    with pytest.raises(ValueError, match="holds no prompt"):
+        views.query_prompt(dataclasses.replace(result, prompt=None), 0, tok)
+    with pytest.raises(ValueError, match="give both layer and head"):
+        views.transplant_data(result, model, layer=0)
 
 
 def test_docstring_examples_run():

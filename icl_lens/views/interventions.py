@@ -27,16 +27,19 @@ tidy frame itself (columns: INTERVENE.md; :data:`COLUMNS`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import matplotlib
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from icl_lens.data.prompts import Prompt
 from icl_lens.hooks.interventions import blind
 from icl_lens.model.adapter import adapt
 from icl_lens.study.duality import decompose
@@ -49,6 +52,8 @@ __all__ = [
     "intervention_frame",
     "plot_curve",
     "plot_heads",
+    "query_prompt",
+    "transplant_data",
     "transplant_terms",
     "view_transplant",
 ]
@@ -337,6 +342,63 @@ def transplant_terms(
     return mg
 
 
+def query_prompt(result, query: int, tokenizer=None) -> Prompt:
+    """The ICL prompt of measured query ``query`` of an ``Interventions`` result: its
+    demonstrations (``result.prompt``'s prefix) and ``result.queries[query]``, labelled
+    with the query's gold class; token strings from ``tokenizer`` when given."""
+    prompt, queries = getattr(result, "prompt", None), getattr(result, "queries", None)
+    if prompt is None or not queries:
+        raise ValueError(
+            "this result holds no prompt and queries (an older interventions.json?): run "
+            "il.intervene again, or pass the ICL prompt itself to view_transplant"
+        )
+    if isinstance(query, bool) or not isinstance(query, int) or not 0 <= query < len(queries):
+        raise IndexError(f"query must be an int in 0..{len(queries) - 1} (a measured query)")
+    tokens = queries[query].long().cpu()
+    strings = ()
+    if prompt.str_tokens and tokenizer is not None:
+        strings = (
+            *prompt.str_tokens[: prompt.query_start],
+            *tokenizer.convert_ids_to_tokens(tokens.tolist()),
+        )
+    return dataclasses.replace(
+        prompt,
+        tokens=torch.cat([prompt.prefix.cpu(), tokens]),
+        str_tokens=strings,
+        label=int(result.gold[query]),
+    )
+
+
+def transplant_data(
+    result, model, layer: int | None = None, head: int | None = None, query: int = 0
+) -> MetaGradients:
+    """:func:`transplant_terms` for measured query ``query`` of an ``Interventions``
+    result and head ``(layer, head)`` (default: the most necessary head, ``ranking[0]``):
+    on the label direction toward the query's gold label word (against the first other
+    one: for two classes, the margin's own direction), with the head's fitted c_h."""
+    if (layer is None) != (head is None):
+        raise ValueError("give both layer and head, or neither for the most necessary head")
+    if layer is None:
+        if not result.ranking:
+            raise ValueError("the result ranks no head: give layer and head")
+        layer, head = result.ranking[0]
+    adapter = adapt(model)
+    tokenizer = getattr(adapter.model, "tokenizer", None)
+    prompt = query_prompt(result, query, tokenizer)
+    ids = [int(x) for x in result.label_ids]
+    pair = names = None
+    if len(ids) >= 2 and prompt.label is not None:
+        gold = prompt.label
+        other = next(i for i in range(len(ids)) if i != gold)
+        pair = (ids[other], ids[gold])
+        if tokenizer is not None:
+            names = tuple(tokenizer.decode([i]).strip() or str(i) for i in pair)
+    scale = float(result.scales[layer, head]) if result.scales is not None else None
+    return transplant_terms(
+        adapter, prompt, layer, head, label_tokens=pair, labels=names, scale=scale
+    )
+
+
 def view_transplant(
     result_or_data,
     model=None,
@@ -349,7 +411,9 @@ def view_transplant(
     coloured by their term ``v_i (k_i . q_t)`` (q_t from the Blind forward) through W_O
     onto the label direction.
 
-    ``result_or_data``: :class:`~icl_lens.views.meta_gradients.MetaGradients` of
+    ``result_or_data``: an ``Interventions`` result (with ``model``; ``layer``,
+    ``head``: default the most necessary head; ``query``: which measured query;
+    :func:`transplant_data`), :class:`~icl_lens.views.meta_gradients.MetaGradients` of
     :func:`transplant_terms` (stored data; no model needed), or a
     :class:`~icl_lens.data.prompts.Prompt` with ``model``, ``layer``, ``head`` (and the
     ``options`` of :func:`transplant_terms`).
@@ -361,9 +425,13 @@ def view_transplant(
                 "shows transplant_terms(...) (q from the Blind forward)"
             )
         return result_or_data.view()
-    if model is None or layer is None or head is None:
-        raise ValueError("give the model, layer and head whose transplanted update to show")
-    return transplant_terms(model, result_or_data, layer, head, **options).view()
+    if model is None:
+        raise ValueError("give the model whose transplanted update to show")
+    if isinstance(result_or_data, Prompt):
+        if layer is None or head is None:
+            raise ValueError("give the model, layer and head whose transplanted update to show")
+        return transplant_terms(model, result_or_data, layer, head, **options).view()
+    return transplant_data(result_or_data, model, layer, head, query).view()
 
 
 def _ranked(frame: pd.DataFrame, by: Sequence[str] = ("knockout", "removed")) -> pd.DataFrame:
