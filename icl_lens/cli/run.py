@@ -12,7 +12,10 @@ Writes ``OUT/results.json`` (accuracy, metrics with baselines, predictions, lr s
 where the data came from), ``OUT/metrics.csv`` (the tidy metric frame) and prints the
 summary table. Finished
 stages are checkpointed under ``OUT/checkpoints``; rerunning the same command after an
-interruption continues where it stopped.
+interruption continues where it stopped. With ``--interventions`` the causal tests of
+the dual form follow on the same model, task, settings and checkpoints
+(:func:`icl_lens.intervene`), written to ``OUT/interventions.json`` and
+``OUT/interventions.csv``; added to a finished run, they reuse its stages.
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ come from StaICC's copies (pip install "icl-lens[data]"), with a held-out valida
 
 Writes OUT/results.json and OUT/metrics.csv and prints the summary table. Finished
 stages are checkpointed in OUT/checkpoints: after an interruption, run the same command
-again and it continues where it stopped."""
+again and it continues where it stopped. --interventions also knocks out, restores and
+transplants each head's meta-gradients (docs/interventions.md), written to
+OUT/interventions.json and OUT/interventions.csv; added to a finished run it reuses its
+stages."""
 
 
 def register(subparsers) -> None:
@@ -282,6 +288,8 @@ def _run(args, settings: StudySettings, model=None) -> int:
         print(note, file=sys.stderr)
     if model is None:
         model = load_run_model(args)
+    if settings.interventions:
+        _check_interventions(model, task, settings)
     with warnings.catch_warnings():
         if args.quiet:
             warnings.simplefilter("ignore")
@@ -319,4 +327,48 @@ def _run(args, settings: StudySettings, model=None) -> int:
             f"{args.out / 'views.json'}; `icl-lens report {args.out}` makes the HTML page",
             file=sys.stderr,
         )
+    if settings.interventions:
+        _interventions(args, settings, model, task)
     return 0
+
+
+def _check_interventions(model, task, settings: StudySettings) -> None:
+    """What would stop the interventions after the comparison, refused before it."""
+    from icl_lens.data.task_sources import TaskLoadError, load_task
+    from icl_lens.study.interventions import check_label_words
+
+    try:
+        check_label_words(model, task)
+        if settings.other_task is not None:
+            load_task(settings.other_task)
+    except (TaskLoadError, *USER_ERRORS) as err:
+        raise UserError(cli_wording(str(err))) from err
+
+
+def _interventions(args, settings: StudySettings, model, task) -> None:
+    """The causal tests on the comparison's model, task, settings and checkpoints."""
+    from icl_lens.cli.intervention_table import format_interventions
+    from icl_lens.study.intervention_stages import IdentityError
+    from icl_lens.study.interventions import intervene
+
+    with warnings.catch_warnings():
+        if args.quiet:
+            warnings.simplefilter("ignore")
+        try:
+            res = intervene(
+                model,
+                task,
+                settings,
+                checkpoint_dir=args.out / "checkpoints",
+                progress=not args.quiet,
+            )
+        except (ValueError, FileNotFoundError, IdentityError) as err:
+            raise UserError(cli_wording(str(err))) from err
+    res.to_json(args.out / "interventions.json")
+    res.to_csv(args.out / "interventions.csv")
+    print(format_interventions(res))
+    if not args.quiet:
+        print(
+            f"wrote {args.out / 'interventions.json'} and {args.out / 'interventions.csv'}",
+            file=sys.stderr,
+        )

@@ -2,13 +2,18 @@
 the fitted scale c_h of every head, the heads' ranking by necessity, and the task vector
 with its layer (docs/interventions.md).
 
-- c_h = sum_t <dz_t, u_t> / sum_t |u_t|^2 over the fit queries' prediction positions:
-  dz_t = z_ICL,t - z_B,t (the head's ``hook_z`` under ICL and under Blind) and
+- c_h = sum_t <dz_t, u_t> / sum_t |u_t|^2 over the fit queries' prediction positions,
+  the least-squares scalar of u onto dz: the best fixed multiple of the paper's update.
   u_t = dW_ICL q_t in the Blind forward, read as the head's ``hook_z`` under
-  Transplant(that layer's heads, linear) minus z_B,t (the layers below are Blind in
-  both, so q_t is Blind's). The least-squares scalar of u onto dz: the best fixed
-  multiple of the paper's update. A head whose update is zero on every fit query (it
-  sees no demonstration) gets 0.
+  Transplant(that layer's heads, linear) minus z_B,t; dz_t, the change reading the
+  demonstrations makes to the head's output, is read in the same forward: ``hook_z``
+  under Restore(that layer's heads) minus z_B,t. In both the layers below are Blind, so
+  the head has Blind's q_t and query-side keys and values, and the two differ only in
+  how the demonstrations are read (softmax, or the relaxed linear form): under linear
+  attention dz_t = u_t and c_h = 1 exactly. (At the first layer dz_t is z_ICL,t -
+  z_B,t; above it, z_ICL,t - z_B,t would also hold what the layers below changed,
+  which no update of this head's own can carry.) A head whose update is zero on every
+  fit query (it sees no demonstration) gets 0.
 - the ranking: every head by ``removed`` of its knockout on the fit queries' margins,
   most necessary first (the order of the top-k curves).
 - the task vector (Hendel et al. 2023): the ICL forward's residual stream after layer L
@@ -82,18 +87,18 @@ def fit_stage(runner, queries, gold, label_ids, *, batch_size: int, progress: bo
     resid = [a.name(layer, "resid_post") for layer in layers]
     opts = {"batch_size": batch_size, "keep": label_ids, "progress": progress}
     base = runner.run(queries, [iv.icl(a), iv.blind(a)], capture=z_names + resid, **opts)
-    per_layer = []
-    for layer in layers:
-        heads = [(layer, h) for h in range(a.n_heads)]
-        per_layer.append(iv.transplant(a, heads, "linear"))
-    moved = runner.run(queries, per_layer, capture=z_names, **opts)
+    per_layer = [[(layer, h) for h in range(a.n_heads)] for layer in layers]
+    rows = [iv.restore(a, heads) for heads in per_layer]
+    rows += [iv.transplant(a, heads, "linear") for heads in per_layer]
+    moved = runner.run(queries, rows, capture=z_names, **opts)
     singles = [iv.knockout(a, [h]) for h in iv.all_heads(a)]
     knocked = runner.run(queries, singles, **opts)
 
-    z_icl = torch.stack([base.captured[n][:, 0] for n in z_names], dim=1)  # q layer head d
-    z_blind = torch.stack([base.captured[n][:, 1] for n in z_names], dim=1)
-    z_moved = torch.stack([moved.captured[n][:, i] for i, n in enumerate(z_names)], dim=1)
-    scales = fitted_scales(z_icl - z_blind, z_moved - z_blind)
+    n = a.n_layers  # q layer head d: each layer's heads in the row that acts on them
+    z_blind = torch.stack([base.captured[name][:, 1] for name in z_names], dim=1)
+    z_read = torch.stack([moved.captured[name][:, i] for i, name in enumerate(z_names)], dim=1)
+    z_moved = torch.stack([moved.captured[name][:, n + i] for i, name in enumerate(z_names)], 1)
+    scales = fitted_scales(z_read - z_blind, z_moved - z_blind)
 
     gold = np.asarray(gold)
     margin, _ = label_margins(base.logits.numpy(), gold)

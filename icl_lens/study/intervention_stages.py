@@ -29,13 +29,23 @@ from icl_lens.study.intervention_inputs import (
 )
 from icl_lens.study.pipeline import StudyRun
 
-__all__ = ["IDENTITY_TOLERANCE", "N_RANDOM_DRAWS", "InterventionStages", "k_values"]
+__all__ = [
+    "IDENTITY_TOLERANCE",
+    "N_RANDOM_DRAWS",
+    "IdentityError",
+    "InterventionStages",
+    "k_values",
+]
 
 IDENTITY_TOLERANCE = 1e-4
 """The run-time identities hold to this, relative to the ICL logits' size (at least 1)."""
 N_RANDOM_DRAWS = 3
 """Draws of the random-heads and random-update controls."""
 FOUR = (("knockout", ""), ("restore", ""), ("transplant", "linear"), ("transplant", "fitted"))
+
+
+class IdentityError(RuntimeError):
+    """A run-time identity of the interventions failed: their hooks did not act."""
 
 
 def k_values(total: int) -> list[int]:
@@ -277,7 +287,7 @@ def _identities(full) -> dict[str, float]:
     }
     for name, gap in gaps.items():
         if not gap <= IDENTITY_TOLERANCE * size:
-            raise RuntimeError(
+            raise IdentityError(
                 f"run-time identity {name} failed: the logits differ by {gap:.3g} (of "
                 f"{size:.3g}); the intervention hooks did not act as they must on this "
                 "model, so no intervention result can be trusted (tests/"

@@ -47,18 +47,24 @@ from icl_lens.study.intervention_result import Interventions, InterventionSet
 from icl_lens.study.intervention_stages import N_RANDOM_DRAWS, InterventionStages
 from icl_lens.study.pipeline import StudyRun, chosen_ft
 from icl_lens.study.plan import plan_study
+from icl_lens.study.predict import label_tokens
 from icl_lens.study.records import Records
 from icl_lens.study.settings import StudySettings
 
-__all__ = ["intervene", "intervene_runs"]
+__all__ = ["check_label_words", "intervene", "intervene_runs"]
 
 
-def _single_token_labels(plan) -> None:
-    if plan.labels.single_token:
+def check_label_words(model, task: Task) -> None:
+    """Refuse, before anything runs, label words of several tokens: the interventions
+    read each label word's logit at the prediction position."""
+    spec = task.spec
+    tok = adapt(model).model.tokenizer
+    context = spec.format_query(task.validation[0]) if task.validation else None
+    labels = label_tokens(tok, spec, context=context)
+    if labels.single_token:
         return
     words = ", ".join(
-        f"{w!r} ({len(ids)} tokens)"
-        for w, ids in zip(plan.spec.label_words, plan.labels.ids, strict=True)
+        f"{w!r} ({len(ids)} tokens)" for w, ids in zip(spec.label_words, labels.ids, strict=True)
     )
     raise ValueError(
         "the interventions read each label word's logit at the prediction position, so "
@@ -96,8 +102,8 @@ def intervene(
     adapter = adapt(model)
     if not isinstance(task, Task):
         task = load_task(task)
+    check_label_words(adapter, task)
     plan = plan_study(adapter, task, s)
-    _single_token_labels(plan)
     store = Checkpoints(checkpoint_dir, plan.config) if checkpoint_dir is not None else None
     bar = tqdm(
         total=_n_stages(s, adapter.n_layers),
