@@ -15,13 +15,16 @@ import torch
 
 import icl_lens as il
 from icl_lens import analyses as ila
+from icl_lens.cli import main
 from icl_lens.cli.report import report_main
 from icl_lens.views import meta_gradients as meta_gradients_module
 from icl_lens.views import viz
 from icl_lens.views.report import ViewData, collect_views, load_run, metrics_table, write_report
 from icl_lens.views.run_data import save_transplant_view
 from tests.chromium import Chromium, assert_not_blank, find_chromium, load_page
-from tests.models import make_model, make_tokenizer
+from tests.models import make_hf_model, make_model, make_tokenizer
+from tests.test_compare import write_task
+from tests.test_intervene import cli as intervention_cli
 
 PAYLOAD_SCRIPT = "<script>window.__xss=1;document.title='pwned'</script>"
 PAYLOAD_IMG = '"><img src=x onerror="window.__xss=2;document.title=\'pwned\'">'
@@ -457,6 +460,25 @@ def test_report_interventions_without_transplant_or_damaged(tmp_path, run_dir):
     (tmp_path / "interventions.json").write_text('{"table": []}')
     with pytest.raises(ValueError, match="interventions.json is not an interventions result"):
         load_run(tmp_path)
+
+
+def test_run_interventions_then_report(tmp_path):
+    """`icl-lens run --interventions` writes the transplant view of the top head beside
+    interventions.json; `icl-lens report` shows the section with it."""
+    make_hf_model("gpt2").save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    files = tmp_path / "model", write_task(tmp_path / "two_class.jsonl")
+    out = tmp_path / "run"
+    assert main(intervention_cli(files, out, "--interventions", "--fit-queries", "8")) == 0
+    run = load_run(out)
+    top = run.interventions.ranking[0]
+    assert (
+        run.transplant.kind == "transplant" and (run.transplant.layer, run.transplant.head) == top
+    )
+    assert report_main([str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert f"Transplanted update of head L{top[0]}H{top[1]}" in page
+    assert "Every head (margin)" in page and page.count('class="icl-lens-cv"') >= 4
 
 
 def test_the_same_run_gives_the_same_page(run_dir):
