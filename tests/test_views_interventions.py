@@ -189,6 +189,17 @@ def test_plot_curve_draws_top_k_random_heads_and_references(frame):
     assert [t.get_text() for t in left.get_xticklabels()] == ["1", "2", "4", "8", "12"]
 
 
+def test_plot_curve_scales_to_the_values_not_a_far_wider_interval(frame):
+    wide = frame.copy()
+    row = wide.index[(wide["scope"] == "top_k") & (wide["intervention"] == "restore")][0]
+    wide.loc[row, "ci_high"] = 100.0
+    left = views.plot_curve(wide).axes[0]
+    low, high = left.get_ylim()
+    curves = wide[(wide["scope"] == "top_k") & (wide["metric"] == "margin")]
+    assert high < 10 and high >= max(1.0, curves["value"].max())
+    assert low <= min(0.0, curves["value"].min())
+
+
 def test_plot_curve_refuses_a_frame_without_curves(frame):
     with pytest.raises(ValueError, match="no top-k rows"):
         views.plot_curve(frame[~frame["scope"].isin(["top_k", "random_k"])])

@@ -209,7 +209,8 @@ def plot_curve(result, *, metric: str = "margin") -> Figure:
     by Knockout(top-k) (right) against k, heads ranked by necessity on the fit queries;
     the same for k random heads (dashed, the draws' range as a band), FT's and the task
     vector's recovery (horizontal lines), 95% intervals as error bars where the frame
-    has them.
+    has them. The y range is the values' (with 0 and 1): a far wider interval runs off
+    the panel.
 
     >>> frame = pd.DataFrame({"intervention": ["restore", "restore", "ft"], "form": "",
     ...     "scope": ["top_k", "top_k", "model"], "layer": -1, "head": -1, "k": [1, 2, -1],
@@ -252,6 +253,7 @@ def plot_curve(result, *, metric: str = "margin") -> Figure:
             ax.minorticks_off()
             ax.set_xlabel("k heads (ranked by necessity on the fit queries)")
             ax.set_title(title)
+            _fit_lines(ax)
         left.set_ylabel(f"fraction of ICL's effect on the {metric}")
         handles = {}
         for ax in (left, right):
@@ -264,6 +266,20 @@ def plot_curve(result, *, metric: str = "margin") -> Figure:
         fig.suptitle(text(SCALE_NOTE.format(quantity="recovered, removed", metric=metric)),
                      fontsize=8)  # fmt: skip
     return fig
+
+
+def _fit_lines(ax: Axes, pad: float = 0.12) -> None:
+    """The y range of the lines' values (and 0 and 1), padded: an interval or band far
+    wider than the values runs off the panel instead of flattening every line."""
+    values = [0.0, 1.0]
+    for line in ax.lines:
+        if line.get_linestyle() in ("None", "none", ""):  # an error bar's caps
+            continue
+        y = np.asarray(line.get_ydata(), dtype=float)
+        values += y[np.isfinite(y)].tolist()
+    low, high = min(values), max(values)
+    margin = pad * (high - low)
+    ax.set_ylim(low - margin, high + margin)
 
 
 def _curve(ax: Axes, rows: pd.DataFrame, label: str, colour: str) -> None:
