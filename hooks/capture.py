@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -100,11 +101,17 @@ class Capture:
         tokens: Int[Tensor, "batch pos"],
         *,
         positions: Int[Tensor, "batch n_pos"] | None = None,
+        hooks: Iterable[tuple[str, Any]] = (),
         **forward_kwargs,
     ) -> Float[Tensor, "batch pos d_vocab"]:
-        """Forward ``tokens`` once and fill :attr:`values`; returns the logits."""
+        """Forward ``tokens`` once and fill :attr:`values`; returns the logits.
+
+        ``hooks``: more ``(name, fn)`` pairs for this forward, run after the capture's
+        at a hook point they share: the capture keeps what the model computed there
+        before they change it (an intervention's knockout of the attention scores)."""
         self.values.clear()
-        logits = self.adapter.forward(tokens, fwd_hooks=self.hooks(positions), **forward_kwargs)
+        fwd_hooks = self.hooks(positions) + list(hooks)
+        logits = self.adapter.forward(tokens, fwd_hooks=fwd_hooks, **forward_kwargs)
         self._finish_rotary(positions)
         return logits
 

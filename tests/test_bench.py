@@ -101,3 +101,55 @@ def test_bench_sweep_mode_tiny():
     result = sweep_vs_runs(cfg, n_cells=1)
     assert result["same_results"] is True
     assert result["sweep_s"] > 0 and result["runs_s"] > 0 and result["sweep_ratio"] > 0
+
+
+def test_scan_modes_run_every_head_on_the_cache_against_as_many_bare_passes(monkeypatch):
+    """--scan: each form runs n_layers x n_heads interventions per query on the cached
+    prefix; its floor as many bare passes, in the same batches; Transplant({h}, softmax)
+    equals Restore({h}) over the scans' logits."""
+    import icl_lens.bench.modes as modes_module
+    from icl_lens.bench.scan import SCAN_MODES, scan_interventions
+
+    rows = []
+    real = modes_module.bare_queries
+
+    def counting(model, prefix, queries, batch_size):
+        rows.append([len(q) for q in queries])
+        return real(model, prefix, queries, batch_size)
+
+    monkeypatch.setattr(modes_module, "bare_queries", counting)
+    cfg = BenchConfig(
+        n_layers=2, d_model=32, n_heads=4, d_vocab=100, k=2, n_queries=3, batch_size=5, repeat=1
+    )
+    result = bench(cfg, modes=SCAN_MODES, in_process=True)
+    summary = result.summary()
+    for form in ("knockout", "restore", "linear", "fitted", "softmax"):
+        assert summary[f"scan_{form}_ratio"] > 0
+        assert result.modes[f"scan_{form}"]["path"] == "cache"
+        assert result.modes[f"scan_{form}"]["interventions"] == 3 * 2 * 4
+    assert result.modes["scan_floor"]["interventions"] == 3 * 2 * 4
+    assert summary["scan_check"] <= 1e-4
+    # the floor: each query once per head, query-major (timing run and memory run)
+    _, queries, _ = modes_module.synthetic_icl(cfg)
+    assert rows[0] == [len(q) for q in queries for _ in range(8)] == rows[1]
+    with pytest.raises(ValueError, match="unknown scan form 'half'"):
+        scan_interventions(None, "half")
+
+
+def test_cli_scan_alias_toy_and_conflicts(monkeypatch, capsys):
+    import icl_lens.cli.bench as cli_bench
+
+    seen = {}
+
+    def fake_bench(cfg, *, modes, in_process, log):
+        seen.update(cfg=cfg, modes=list(modes))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli_bench, "bench", fake_bench)
+    assert main(["bench", "--toy", "--only", "scan,floor"]) == 2
+    assert seen["modes"][-1] == "floor" and seen["modes"][0] == "scan_knockout"
+    assert len(seen["modes"]) == 7 and seen["cfg"].model[0].endswith("checkpoint")
+    assert main(["bench", "--scan", "--skip-naive"]) == 2
+    assert seen["modes"][:2] == ["capture", "floor"] and "scan_floor" in seen["modes"]
+    assert main(["bench", "--toy", "--model", "x"]) == 2
+    assert "give --toy or --model, not both" in capsys.readouterr().err

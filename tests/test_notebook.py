@@ -31,10 +31,12 @@ def test_tutorial_notebook_executes():
     assert not [o for o in outputs if o.output_type == "error"]
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     views = [h for h in html if "CircuitsVis.render" in h]
-    assert len(views) >= 2  # the meta-gradient view and the attention comparison
+    # the meta-gradient view, the attention comparison, the transplanted update
+    assert len(views) >= 3
+    assert any("Transplanted update of head" in h for h in views)
     assert all("unpkg.com" not in h for h in views)  # inlined, never from a CDN
-    # dec.plot_heads() and cmp.plot_layers() return matplotlib figures that show as
-    # images (no pyplot needed), once each
+    # dec.plot_heads(), cmp.plot_layers(), res.plot_heads() and res.plot_curve() return
+    # matplotlib figures that show as images (no pyplot needed), once each
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2, [o.get("data", {}).get("text/plain") for o in outputs]
+    assert len(images) == 4, [o.get("data", {}).get("text/plain") for o in outputs]
     assert any("report.html" in o.get("text", "") for o in outputs)

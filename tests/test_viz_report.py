@@ -16,12 +16,16 @@ import torch
 
 import icl_lens as il
 from icl_lens import analyses as ila
+from icl_lens.cli import main
 from icl_lens.cli.report import report_main
 from icl_lens.views import meta_gradients as meta_gradients_module
 from icl_lens.views import viz
 from icl_lens.views.report import ViewData, collect_views, load_run, metrics_table, write_report
+from icl_lens.views.run_data import save_transplant_view
 from tests.chromium import Chromium, assert_not_blank, find_chromium, load_page
-from tests.models import make_model, make_tokenizer
+from tests.models import make_hf_model, make_model, make_tokenizer
+from tests.test_compare import write_task
+from tests.test_intervene import cli as intervention_cli
 
 PAYLOAD_SCRIPT = "<script>window.__xss=1;document.title='pwned'</script>"
 PAYLOAD_IMG = '"><img src=x onerror="window.__xss=2;document.title=\'pwned\'">'
@@ -112,10 +116,36 @@ def _wide_metrics_frame():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, model, evil_prompt, label_ids):
+def toy():
+    return il.toy_model()
+
+
+@pytest.fixture(scope="module")
+def interventions(toy):
+    """il.intervene on the toy model, small, with payloads where a dataset's strings
+    go: the task name, a flag of the run and of a head's row, the demonstration tokens."""
+    from icl_lens.toy import toy_task
+
+    task = toy_task(0, kind="arbitrary", n_validation=12)
+    result = il.intervene(toy, task, shots=4, seed=0, lr_grid="0.1", fit_queries=8,
+                          n_resamples=50, progress=False)  # fmt: skip
+    result.info["task"] = PAYLOAD_IMG
+    result.flags.append(PAYLOAD_SCRIPT)
+    head_row = result.frame.index[(result.frame["scope"] == "head")][1]
+    result.frame.loc[head_row, "flag"] = PAYLOAD_TIGHT
+    strings = list(result.prompt.str_tokens)
+    strings[2], strings[3] = PAYLOAD_SCRIPT, PAYLOAD_TIGHT
+    result.prompt = dataclasses.replace(result.prompt, str_tokens=tuple(strings))
+    return result
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, model, evil_prompt, label_ids, toy, interventions):
     """A run directory in the documented shape: results.json (minimum keys plus a
-    config whose task name is a payload), metrics.csv (the tidy analyses format) and
-    views.json from a real decomposition whose token strings are payloads."""
+    config whose task name is a payload), metrics.csv (the tidy analyses format),
+    views.json from a real decomposition whose token strings are payloads, and
+    interventions.json with its transplant_view.json from a real toy run carrying
+    payloads."""
     out = tmp_path_factory.mktemp("run")
     _wide_metrics_frame().to_csv(out / "metrics.csv", index=False)
     metric = {"value": 0.1, "baselines": {"random_uniform": 0.0}}
@@ -136,6 +166,8 @@ def run_dir(tmp_path_factory, model, evil_prompt, label_ids):
         query=" and ".join(PAYLOADS),
     )
     views.save(out)
+    interventions.to_json(out / "interventions.json")
+    save_transplant_view(out, toy, interventions)
     write_report(out)
     return out
 
@@ -374,10 +406,78 @@ def test_report_sections(run_dir):
         "random_uniform",
         "95% CI",
         "Attention of the query",
+        "Is ICL's effect carried by the dual form?",
+        "Every head (margin)",
+        "Transplanted update of head",
     ):
         assert text in page, text
     ours = page.replace(viz.circuitsvis_bundle(), "")
     assert not re.search(r"(src|href|import)\W+https?:", ours)  # nothing of ours to fetch
+
+
+def test_report_interventions_section(run_dir, interventions):
+    """The all-heads table holds every head's values with their intervals as the frame
+    has them, the whole-model table every condition; the dataset's strings are text."""
+    from icl_lens.views.page import fmt
+
+    page = (run_dir / "report.html").read_text()
+    frame = interventions.frame
+    knockouts = frame.query(
+        "scope == 'head' and intervention == 'knockout' and metric == 'margin' "
+        "and quantity == 'removed'"
+    )
+    assert len(knockouts) == 12
+    section = page[page.index("Every head (margin)") :]
+    for _, row in knockouts.iterrows():
+        cell = fmt(row["value"])
+        if pd.notna(row["ci_low"]):
+            cell += f" [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"
+        assert f'<td class="text">L{row["layer"]}H{row["head"]}</td>' not in section
+        assert f'>L{row["layer"]}H{row["head"]}</td><td class="ci">{cell}</td>' in section
+    for condition in ("transplant (linear)", "transplant (fitted)", "task_vector", "ft"):
+        assert f'<td class="text">{condition}</td>' in page
+    for payload in PAYLOADS:
+        assert payload not in page
+    assert "&lt;img/src/onerror=window.__xss=3&gt;" in section  # a head's flag, as text
+    assert page.count('class="icl-lens-cv"') == 4
+    assert page.index("Transplanted update of head") < page.index("Top heads by |dW_ICL q|")
+
+
+def test_report_interventions_without_transplant_or_damaged(tmp_path, run_dir):
+    for name in ("results.json", "interventions.json"):
+        (tmp_path / name).write_text((run_dir / name).read_text())
+    page = write_report(tmp_path).read_text()
+    assert "No transplant view in this run" in page and "Every head (margin)" in page
+    mg = json.loads((run_dir / "transplant_view.json").read_text())
+    (tmp_path / "transplant_view.json").write_text(json.dumps({**mg, "kind": "icl"}))
+    with pytest.raises(ValueError, match="holds the ICL forward's meta-gradients"):
+        load_run(tmp_path)
+    (tmp_path / "transplant_view.json").write_text("{}")
+    with pytest.raises(ValueError, match="transplant_view.json is not valid view data"):
+        load_run(tmp_path)
+    (tmp_path / "transplant_view.json").unlink()
+    (tmp_path / "interventions.json").write_text('{"table": []}')
+    with pytest.raises(ValueError, match="interventions.json is not an interventions result"):
+        load_run(tmp_path)
+
+
+def test_run_interventions_then_report(tmp_path):
+    """`icl-lens run --interventions` writes the transplant view of the top head beside
+    interventions.json; `icl-lens report` shows the section with it."""
+    make_hf_model("gpt2").save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    files = tmp_path / "model", write_task(tmp_path / "two_class.jsonl")
+    out = tmp_path / "run"
+    assert main(intervention_cli(files, out, "--interventions", "--fit-queries", "8")) == 0
+    run = load_run(out)
+    top = run.interventions.ranking[0]
+    assert (
+        run.transplant.kind == "transplant" and (run.transplant.layer, run.transplant.head) == top
+    )
+    assert report_main([str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert f"Transplanted update of head L{top[0]}H{top[1]}" in page
+    assert "Every head (margin)" in page and page.count('class="icl-lens-cv"') >= 4
 
 
 def test_the_same_run_gives_the_same_page(run_dir):
@@ -469,7 +569,8 @@ def pages(run_dir, model, evil_prompt, label_ids, tmp_path_factory):
     paths = {
         name: (view.save(out / f"{name}.html"), names) for name, (view, names) in views.items()
     }
-    report_names = ["ColoredTokensMulti", "ColoredTokensMulti", "AttentionHeads"]
+    # the top head's transplanted update (interventions) first, then the panels
+    report_names = ["ColoredTokensMulti"] * 3 + ["AttentionHeads"]
     paths["report"] = (run_dir / "report.html", report_names)
     return paths
 
@@ -495,7 +596,7 @@ def test_page_in_headless_chromium(browser, pages, page):
     if "AttentionHeads" in expected:
         assert state["canvases"] > 0
     if page in ("report", "overview_view"):
-        assert state["svgs"] >= (4 if page == "report" else 2)  # matplotlib figures
+        assert state["svgs"] >= (6 if page == "report" else 2)  # matplotlib figures
     # every table fits a 1280 px window: nothing cut off, no sideways scrolling
     assert state["overflowing_tables"] == 0 and not state["page_overflows"], state
     # no console errors, no exceptions, nothing fetched but the file itself

@@ -1,7 +1,8 @@
 """What each ``icl-lens bench`` mode runs, on a loaded :class:`Workload`.
 
 (a) ``naive``, (b) ``capture``, (c) ``floor``, (d) ``ft``, (e) ``ft_floor``,
-(f) ``pipeline``, (g) ``pipeline_floor``: see :mod:`icl_lens.cli.bench` for what each
+(f) ``pipeline``, (g) ``pipeline_floor``, the per-head scans ``scan_{form}`` and
+their floor ``scan_floor`` (:mod:`icl_lens.bench.scan`): see :mod:`icl_lens.cli.bench` for what each
 one is. :func:`run_once` times one run of one mode; measuring (memory, repeats,
 subprocesses) is :mod:`icl_lens.bench.runner`'s job.
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from icl_lens.bench.scan import CHECK_VOCAB, SCAN_MODES, bare_scan, head_scan
 from icl_lens.bench.workload import (
     BOS,
     PAD,
@@ -36,7 +38,7 @@ from icl_lens.bench.workload import (
 __all__ = ["BASE_MODES", "MODES", "Workload", "run_once"]
 
 BASE_MODES = ("naive", "capture", "floor")
-MODES = (*BASE_MODES, "ft", "ft_floor", "pipeline", "pipeline_floor")
+MODES = (*BASE_MODES, "ft", "ft_floor", "pipeline", "pipeline_floor", *SCAN_MODES)
 
 
 TRAIN_A_COPY = ("ft_floor", "pipeline_floor")
@@ -394,6 +396,14 @@ def run_once(mode: str, w: Workload, directory: Path, *, naive_prompts: int = 0)
             result["loss"] = bare_finetune(model, w.training_sequences, 1e-3)[-1]
     elif mode == "pipeline":
         result.update(pipeline(model, cfg, directory))
+    elif mode == "scan_floor":
+        n_heads = model.cfg.n_layers * model.cfg.n_heads
+        bare_scan(model, w.prefix, w.queries, n_heads, batch_size=cfg.batch_size)
+        result["interventions"] = len(w.queries) * n_heads
+    elif mode.startswith("scan_"):
+        out = head_scan(model, w.prefix, w.queries, mode[5:], batch_size=cfg.batch_size)
+        result["path"], result["interventions"] = out.path, out.logits.shape[:2].numel()
+        result["values"] = {"logits": out.logits[..., :CHECK_VOCAB].clone()}
     else:
         result.update(pipeline_floor(model, cfg, directory))
     result["seconds"] = time.perf_counter() - t0

@@ -1,12 +1,13 @@
 """Measure the ``icl-lens bench`` modes: time in interleaved pairs, memory alone.
 
 Time: the modes that are compared with each other (``naive``/``capture``/``floor``,
-``ft``/``ft_floor``, ``pipeline``/``pipeline_floor``) run in one fresh process, in
-alternating order (``capture, floor``, then ``floor, capture``, ...) for ``cfg.repeat``
-rounds; a mode's time is its fastest round. A shared virtual machine drifts in speed by
-tens of percent over minutes; timing a mode and its floor side by side makes the drift
-hit both alike, where timing each in its own process minutes apart did not (a floor
-measured 12.7 s there and 8.1 s here, with the same code). (a) runs once.
+``ft``/``ft_floor``, ``pipeline``/``pipeline_floor``, the ``scan_*`` modes) run in one
+fresh process, in alternating order (``capture, floor``, then ``floor, capture``, ...)
+for ``cfg.repeat`` rounds; a mode's time is its fastest round. A shared virtual machine
+drifts in speed by tens of percent over minutes; timing a mode and its floor side by
+side makes the drift hit both alike, where timing each in its own process minutes apart
+did not (a floor measured 12.7 s there and 8.1 s here, with the same code). (a) runs
+once.
 
 Memory: each mode runs once, alone in a fresh process, with the high-water mark of its
 resident memory reset just before it (``/proc/self/clear_refs``) and read after it
@@ -42,11 +43,17 @@ import torch
 from torch import Tensor
 
 from icl_lens.bench.modes import BASE_MODES, MODES, Workload, run_once
+from icl_lens.bench.scan import SCAN_FORMS, SCAN_MODES
 from icl_lens.bench.workload import BenchConfig
 
-__all__ = ["BASE_MODES", "MODES", "BenchConfig", "BenchResult", "bench", "sweep"]
+__all__ = ["BASE_MODES", "MODES", "SCAN_MODES", "BenchConfig", "BenchResult", "bench", "sweep"]
 
-GROUPS = (("naive", "capture", "floor"), ("ft", "ft_floor"), ("pipeline", "pipeline_floor"))
+GROUPS = (
+    ("naive", "capture", "floor"),
+    ("ft", "ft_floor"),
+    ("pipeline", "pipeline_floor"),
+    SCAN_MODES,
+)
 """Modes timed side by side, in one process."""
 NAIVE_MEMORY_PROMPTS = 4
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -156,6 +163,9 @@ class BenchResult:
     max_abs_diff: float | None = None
     diff_by_value: dict[str, float] = field(default_factory=dict)
     load: tuple[float, float] = (float("nan"), float("nan"))  # 1-min load before, after
+    scan_check: float | None = None
+    """max |Transplant({h}, softmax) - Restore({h})| over the scans' logits (an identity:
+    the transplant's wiring), when both scans ran."""
 
     def _ratio(self, a: str, b: str, key: str = "seconds") -> float | None:
         if a in self.modes and b in self.modes:
@@ -178,7 +188,14 @@ class BenchResult:
             ]
         if "pipeline" in self.modes and "pipeline_floor" in self.modes:
             out["pipeline_ratio"] = self._ratio("pipeline", "pipeline_floor")
-        return {k: (v if v is None or k == "max_abs_diff" else round(v, 3)) for k, v in out.items()}
+        for form in SCAN_FORMS:
+            ratio = self._ratio(f"scan_{form}", "scan_floor")
+            if ratio is not None:
+                out[f"scan_{form}_ratio"] = ratio
+        if self.scan_check is not None:
+            out["scan_check"] = self.scan_check
+        exact = ("max_abs_diff", "scan_check")
+        return {k: (v if v is None or k in exact else round(v, 3)) for k, v in out.items()}
 
 
 def _child(kind: str, modes: Sequence[str], cfg: BenchConfig, out_dir: Path):
@@ -258,6 +275,10 @@ def bench(
             a = torch.load(out_dir / "naive.pt", weights_only=True)
             b = torch.load(out_dir / "capture.pt", weights_only=True)
             result.max_abs_diff, result.diff_by_value = _max_abs_diff(a, b)
+        if "scan_softmax" in modes and "scan_restore" in modes:
+            a = torch.load(out_dir / "scan_softmax.pt", weights_only=True)["logits"]
+            b = torch.load(out_dir / "scan_restore.pt", weights_only=True)["logits"]
+            result.scan_check = float((a - b).abs().max())
     return result
 
 

@@ -7,6 +7,7 @@
     icl-lens bench --layers 2 --d-model 64 --heads 4 --vocab 500 -k 4 --queries 8
     icl-lens bench --sweep-cells 4      # an icl-lens sweep of 4 cells vs 4 icl-lens runs
     icl-lens bench --model $(python -m icl_lens.model.wheels) -k 16   # a real model
+    icl-lens bench --toy --only scan -k 8 --queries 32   # the per-head scans, toy model
 
 The model is a random-init GPT-2 (``transformers.GPT2Config``, default 12 layers,
 d_model 768, 12 heads, vocabulary 50257) loaded like any other model
@@ -14,7 +15,7 @@ d_model 768, 12 heads, vocabulary 50257) loaded like any other model
 SST-2-like lengths (a demonstration 25-30 tokens, a query 20-30), seeded. ``--model``
 benchmarks a local real model instead: a Hugging Face directory, a ``.gguf`` file, or
 GGUF chunk files in order, as ``icl-lens run --model`` takes them (float32; prompts are
-random ids from its vocabulary after its BOS).
+random ids from its vocabulary after its BOS); ``--toy`` the embedded toy model.
 
 The modes:
 
@@ -51,6 +52,13 @@ peak resident memory minus the resident size before it (the model and libraries)
 values: attention outputs, query vectors, the query-side score rows, the demonstration
 scores (summed over heads) and the class scores.
 
+- ``--scan``: the interventions study's per-head scans (:mod:`icl_lens.bench.scan`):
+  per query, one intervention per head (``n_layers x n_heads``), batched, on the
+  cached prefix: (h) Knockout({h}), (i) Restore({h}), (j) Transplant({h}, linear),
+  (k) Transplant({h}, fitted), (l) Transplant({h}, softmax), each against (m) its
+  floor: the same number of bare query passes on the cached prefix, in the same
+  batches. ``scan_check`` is max |(l) - (i)| over the logits (an identity).
+  ``--only scan`` runs these alone.
 - ``--sweep-cells N``: (s) ``icl-lens sweep`` of N cells (seeds 1..N, the bench model
   saved to disk, the synthetic task, the short grid) on one local worker against (r) the
   same N cells as separate ``icl-lens run`` processes, wall-clock, alternating rounds
@@ -58,8 +66,8 @@ scores (summed over heads) and the class scores.
 
 The last line printed is JSON: ``speedup_vs_naive`` (a/b), ``ratio_to_floor`` (b/c),
 ``max_abs_diff``, ``peak_mem_ratio`` (b/c working memory) and, when run, ``ft_ratio``
-(d/e), ``ft_step_ratio`` (d without its model copy / e: the per-demonstration steps) and
-``pipeline_ratio`` (f/g).
+(d/e), ``ft_step_ratio`` (d without its model copy / e: the per-demonstration steps),
+``pipeline_ratio`` (f/g) and ``scan_{form}_ratio`` ((h)..(l) / m) with ``scan_check``.
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ import torch
 from icl_lens.bench.runner import (
     BASE_MODES,
     NAIVE_MEMORY_PROMPTS,
+    SCAN_MODES,
     SWEEPS,
     BenchConfig,
     BenchResult,
@@ -114,6 +123,12 @@ def format_result(r: BenchResult) -> str:
         "ft_floor": "(e) floor: bare fwd + bwd over K/V",
         "pipeline": "(f) compare (icl-lens run)",
         "pipeline_floor": "(g) floor: its unavoidable passes, bare",
+        "scan_knockout": "(h) scan: Knockout({h}) per head",
+        "scan_restore": "(i) scan: Restore({h}) per head",
+        "scan_linear": "(j) scan: Transplant({h}, linear) per head",
+        "scan_fitted": "(k) scan: Transplant({h}, fitted) per head",
+        "scan_softmax": "(l) scan: Transplant({h}, softmax) per head",
+        "scan_floor": "(m) floor: as many bare query passes",
     }
     for mode, res in m.items():
         runs = ", ".join(f"{x:.2f}" for x in res["all_seconds"])
@@ -158,6 +173,17 @@ def format_result(r: BenchResult) -> str:
         lines.append("  unavoidable passes, bare (seconds):")
         for name, s in m["pipeline_floor"]["passes"].items():
             lines.append(f"    {name:<40}{s:>9.2f}")
+    scans = [mode for mode in m if mode.startswith("scan_") and mode != "scan_floor"]
+    if scans:
+        paths = sorted({m[mode]["path"] for mode in scans})
+        lines.append(
+            f"scans: {m[scans[0]]['interventions']} (query, head) rows each, batch "
+            f"{c.batch_size}; path taken: {', '.join(paths)}"
+        )
+    if r.scan_check is not None:
+        lines.append(
+            f"max |softmax transplant - restore| over the scans' logits: {r.scan_check:.2e}"
+        )
     s = r.summary()
     lines.append("")
     lines.append(
@@ -218,6 +244,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a local model instead of the random GPT-2: a Hugging Face directory, a .gguf "
         "file, or GGUF chunk files in order",
     )
+    p.add_argument(
+        "--toy", action="store_true", help="the embedded toy model instead of the random GPT-2"
+    )
     p.add_argument("--layers", type=int, default=d.n_layers)
     p.add_argument("--d-model", type=int, default=d.d_model)
     p.add_argument("--heads", type=int, default=d.n_heads)
@@ -237,6 +266,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ft", action="store_true", help="also time the FT step against its floor")
     p.add_argument(
         "--pipeline", action="store_true", help="also time compare against its unavoidable passes"
+    )
+    p.add_argument(
+        "--scan",
+        action="store_true",
+        help="also time the interventions' per-head scans against their floor",
     )
     p.add_argument("--lr-grid", default=d.lr_grid, help="grid of --pipeline (default short)")
     p.add_argument("--no-control", action="store_true", help="--pipeline without the control")
@@ -260,12 +294,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="time an icl-lens sweep of N cells on one local worker against N icl-lens runs",
     )
-    p.add_argument("--only", default="", help="comma-separated modes to run instead")
+    p.add_argument(
+        "--only", default="", help="comma-separated modes to run instead ('scan': every scan)"
+    )
     p.add_argument("--in-process", action="store_true", help="no subprocesses (memory unusable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def config_from_args(args) -> BenchConfig:
+    from icl_lens.errors import UserError
+
+    model = tuple(args.model)
+    if args.toy:
+        if model:
+            raise UserError("give --toy or --model, not both")
+        from icl_lens.toy import toy_model_dir
+
+        model = (str(toy_model_dir()),)
     return BenchConfig(
         n_layers=args.layers,
         d_model=args.d_model,
@@ -281,18 +326,21 @@ def config_from_args(args) -> BenchConfig:
         seed=args.seed,
         naive_sample=args.naive_sample,
         repeat=args.repeat,
-        model=tuple(args.model),
+        model=model,
     )
 
 
 def modes_from_args(args) -> list[str]:
     if args.only:
-        return [m.strip() for m in args.only.split(",") if m.strip()]
+        named = [m.strip() for m in args.only.split(",") if m.strip()]
+        return [x for m in named for x in (SCAN_MODES if m == "scan" else [m])]
     modes = [m for m in BASE_MODES if not (args.skip_naive and m == "naive")]
     if args.ft:
         modes += ["ft", "ft_floor"]
     if args.pipeline:
         modes += ["pipeline", "pipeline_floor"]
+    if args.scan:
+        modes += list(SCAN_MODES)
     return modes
 
 

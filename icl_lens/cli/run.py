@@ -350,6 +350,7 @@ def _interventions(args, settings: StudySettings, model, task) -> None:
     from icl_lens.cli.intervention_table import format_interventions
     from icl_lens.study.intervention_stages import IdentityError
     from icl_lens.study.interventions import intervene
+    from icl_lens.views.run_data import save_transplant_view
 
     with warnings.catch_warnings():
         if args.quiet:
@@ -366,6 +367,7 @@ def _interventions(args, settings: StudySettings, model, task) -> None:
             raise UserError(cli_wording(str(err))) from err
     res.to_json(args.out / "interventions.json")
     res.to_csv(args.out / "interventions.csv")
+    save_transplant_view(args.out, model, res)  # the report's view of the top head
     print(format_interventions(res))
     if not args.quiet:
         print(

@@ -48,6 +48,7 @@ from torch import Tensor
 from icl_lens.analyses import with_head_labels
 from icl_lens.data.prompts import Prompt, check_prompts
 from icl_lens.hooks.capture import Capture
+from icl_lens.hooks.interventions import DemoKV, Intervention, InterventionHooks
 from icl_lens.model.adapter import adapt
 
 WHAT = ("q", "k", "v", "z", "scores", "pattern", "attn_out")
@@ -407,6 +408,31 @@ def _check_layers(layers, n_layers: int) -> list[int]:
     return layers
 
 
+def _knockout_hooks(adapter, prompt: Prompt, intervention: Intervention) -> list:
+    """The hooks of a knockout ``intervention`` on a full forward of ``prompt``."""
+    if not isinstance(intervention, Intervention):
+        raise TypeError(
+            "intervention must be an Intervention, e.g. icl_lens.hooks.interventions."
+            f"blind(adapter); got {type(intervention).__name__}"
+        )
+    shape = (adapter.n_layers, adapter.n_heads)
+    if tuple(intervention.knockout.shape) != shape:
+        raise ValueError(
+            f"intervention {intervention.name!r} is for {list(intervention.knockout.shape)} "
+            f"heads; this model has {list(shape)} [n_layers, n_heads]: build it with this "
+            "model's adapter"
+        )
+    if intervention.transplant.any():
+        raise ValueError(
+            f"decompose takes a knockout (blind, knockout, restore), not {intervention.name!r}: "
+            "a transplant's linear term is the icl term of decompose(..., "
+            "intervention=blind(adapter))"
+        )
+    # a knockout reads only where the demonstrations are and where the query starts
+    demo = DemoKV(prompt.demo_mask.nonzero()[:, 0], prompt.query_start, (), ())
+    return InterventionHooks(adapter, [intervention], demo).hooks()
+
+
 def decompose(
     model,
     prompt: Prompt,
@@ -415,6 +441,7 @@ def decompose(
     layers: Sequence[int] | None = None,
     matrices: bool = False,
     label_tokens: tuple[int, int] | None = None,
+    intervention: Intervention | None = None,
 ) -> Decomposition:
     """Split every head's output at ``positions`` (default: the prediction position)
     into its W_ZSL q and dW_ICL q terms.
@@ -425,6 +452,23 @@ def decompose(
     (two different token ids) adds each term's direct effect on the logit difference
     ``logit[b] - logit[a]``. ``matrices=True`` also returns the d_head x d_head matrices
     W_ZSL and dW_ICL (per position).
+
+    ``intervention`` (a knockout of :mod:`icl_lens.hooks.interventions`:
+    ``blind(adapter)``, ``knockout(adapter, heads)``, ``restore(adapter, heads)``)
+    decomposes the forward under it: q, z, the attention pattern and the norms' scales
+    are that forward's, the demonstrations' keys and values ICL's (an intervention acts
+    at the query positions only), and the terms run over the keys the model's own mask
+    lets a head see. Under ``blind(adapter)`` the ``icl`` term of a head is what
+    Transplant(H, linear) adds to it: dW_ICL q_t with q_t from the Blind forward.
+
+    >>> from tests.models import make_model, make_tokenizer
+    >>> from icl_lens.hooks.interventions import blind
+    >>> import icl_lens as il
+    >>> model, _ = make_model("gpt2")
+    >>> p = il.build_prompt(make_tokenizer(), ["w1 good", "w2 bad"], "w3", separator=" \\n")
+    >>> dec = decompose(model, p, intervention=blind(adapt(model)))
+    >>> float(dec.demo_mass.abs().max())  # Blind: no attention on the demonstrations
+    0.0
     """
     adapter = adapt(model)
     check_prompts([prompt], getattr(adapter.model, "tokenizer", None))
@@ -448,6 +492,7 @@ def decompose(
             "positions count from 0 at the first token, not from the end)"
         )
     layers = _check_layers(layers, adapter.n_layers)
+    after = () if intervention is None else _knockout_hooks(adapter, prompt, intervention)
     capture = Capture(adapter, what=WHAT, layers=layers)
     pos = torch.tensor(positions, dtype=torch.long)
     post_norms = [adapter.post_attn_norm(layer) for layer in layers]
@@ -468,7 +513,7 @@ def decompose(
     with adapter.inference():
         tokens = prompt.tokens[None].to(adapter.device)
         with adapter.model.hooks(fwd_hooks=hooks_extra):
-            capture.run(tokens, positions=pos[None].to(adapter.device))
+            capture.run(tokens, positions=pos[None].to(adapter.device), hooks=after)
     g = adapter.group_size
     v_ = {key: x.float().cpu() for key, x in capture.values.items()}  # layers' devices -> cpu
 

@@ -55,6 +55,9 @@ def prompt_tokens(prompt) -> list[str]:
     return [str(int(t)) for t in prompt.tokens]
 
 
+KINDS = ("icl", "transplant")
+
+
 def _floats(values: Iterable[Any]) -> list[float]:
     return [float("nan") if x is None else float(x) for x in values]
 
@@ -76,6 +79,13 @@ class MetaGradients:
     values: dict[str, list[float]]
     stats: dict[str, float] = field(default_factory=dict)
     labels: tuple[str, str] | None = None
+    kind: str = "icl"
+    """``"icl"``: the terms of the ICL forward (every token's); ``"transplant"``: what
+    Transplant({h}, linear) adds, q from the Blind forward (the demonstrations' terms)."""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
 
     @property
     def head_label(self) -> str:
@@ -92,6 +102,7 @@ class MetaGradients:
                 "values": self.values,
                 "stats": self.stats,
                 "labels": list(self.labels) if self.labels else None,
+                "kind": self.kind,
             }
         )
 
@@ -107,6 +118,7 @@ class MetaGradients:
             values={str(k): _floats(v) for k, v in data["values"].items()},
             stats={str(k): _floats([v])[0] for k, v in data.get("stats", {}).items()},
             labels=None if not labels else (str(labels[0]), str(labels[1])),
+            kind=str(data.get("kind", "icl")),
         )
 
     def top_tokens(self, k: int = 8, by: str | None = None) -> pd.DataFrame:
@@ -153,7 +165,8 @@ class MetaGradients:
                 colored,
                 render("meta_gradients.html.j2", part="top", **context),
             ),
-            title=f"icl-lens: {self.head_label} meta-gradients",
+            title=f"icl-lens: {self.head_label} "
+            + ("transplanted update" if self.kind == "transplant" else "meta-gradients"),
         )
 
 
@@ -162,7 +175,13 @@ def _visible(token: str) -> str:
 
 
 def meta_gradients(
-    dec, layer: int, head: int, n: int = 0, *, labels: tuple[str, str] | None = None
+    dec,
+    layer: int,
+    head: int,
+    n: int = 0,
+    *,
+    labels: tuple[str, str] | None = None,
+    transplant: bool = False,
 ) -> MetaGradients:
     """Per-token terms ``v_j (k_j . q)`` of one head at recorded position ``n``.
 
@@ -171,6 +190,13 @@ def meta_gradients(
     ``along head output`` (through W_O, signed projection on the head's real output
     ``z W_O``), ``norm`` (of the term through W_O), ``attention`` (softmax weight) and
     ``k.q`` (raw dot product). ``labels=(a, b)`` names the label words for the caption.
+
+    ``transplant=True`` reads ``dec`` as a decomposition under Blind
+    (``decompose(..., intervention=blind(adapter))``) and keeps what Transplant({h},
+    linear) adds to the head, ``dW_ICL q_t`` with q_t from the Blind forward: the
+    demonstration tokens' terms (the query side's are 0), ``along the update`` (signed
+    projection on ``dW_ICL q_t W_O`` itself) in place of the head output, and no
+    attention (Blind's is zero on the demonstrations).
 
     >>> from tests.models import make_model, make_tokenizer
     >>> import icl_lens as il
@@ -189,17 +215,21 @@ def meta_gradients(
     pos = dec.recorded_position(n)
     upto = slice(0, pos + 1)
     kq = dec.key_dot_query[li, head, n, upto]
+    if transplant:
+        kq = kq * dec.demo_mask[upto]
     terms = dec.values[li, head, upto] * kq[:, None]  # pos d_head
     resid = dec.head_to_resid(layer, head, n, terms)  # pos d_model
-    out = dec.head_to_resid(layer, head, n, dec.z[li, head, n])
+    along = dec.icl[li, head, n] if transplant else dec.z[li, head, n]
+    out = dec.head_to_resid(layer, head, n, along)
     unit = out / out.norm().clamp(min=1e-30)
     values: dict[str, Tensor] = {}
     if dec.label_direction is not None:
         key = "label effect" if labels is None else f"push toward {labels[1]} vs {labels[0]}"
         values[key] = resid @ dec.label_direction[li, n]
-    values["along head output"] = resid @ unit
+    values["along the update" if transplant else "along head output"] = resid @ unit
     values["norm"] = resid.norm(dim=-1)
-    values["attention"] = dec.pattern[li, head, n, upto]
+    if not transplant:
+        values["attention"] = dec.pattern[li, head, n, upto]
     values["k.q"] = kq
     zsl_norm = float(dec.zsl[li, head, n].norm())
     icl_norm = float(dec.icl[li, head, n].norm())
@@ -210,6 +240,13 @@ def meta_gradients(
         "demo_mass": float(dec.demo_mass[li, head, n]),
         "relax_cos": float(dec.relaxation_cosine[li, head, n]),
     }
+    if transplant:
+        z_norm = float(dec.z[li, head, n].norm())
+        stats = {
+            "icl_norm": icl_norm,
+            "blind_norm": z_norm,
+            "update_ratio": icl_norm / max(z_norm, 1e-30),
+        }
     return MetaGradients(
         layer=int(dec.layers[li]),
         head=int(head),
@@ -219,6 +256,7 @@ def meta_gradients(
         values={k: [float(x) for x in v.detach().double()] for k, v in values.items()},
         stats=stats,
         labels=labels,
+        kind="transplant" if transplant else "icl",
     )
 
 

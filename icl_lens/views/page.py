@@ -47,7 +47,9 @@ __all__ = [
     "circuitsvis_bundle",
     "display_tokens",
     "fmt",
+    "mount_script",
     "render",
+    "render_views",
     "safe_json",
 ]
 
@@ -190,6 +192,29 @@ def circuitsvis_bundle() -> Markup:
 # ---------------------------------------------------------------------------------------
 
 
+def mount_script(mounts: Sequence[Mapping[str, Any]], *, bundle: bool = True) -> Markup:
+    """One ``<script type=module>`` that mounts ``mounts`` (``id``, ``name``, ``props``),
+    with circuitsvis's bundle inlined when ``bundle``; empty with nothing to mount."""
+    if not mounts:
+        return Markup("")
+    js = circuitsvis_bundle() if bundle else Markup("")
+    return render("mount.html.j2", bundle=js, mounts=mounts)
+
+
+def render_views(views: Mapping[str, View], *, prefix: str) -> tuple[dict[str, Markup], Markup]:
+    """Views shown in different places of one page: each one's body (element ids
+    ``{prefix}-{name}-{n}``) and one script that mounts them all, circuitsvis's bundle
+    inlined once.
+
+    >>> bodies, script = render_views({"a": View("one"), "b": View("two")}, prefix="p")
+    >>> sorted(bodies), str(script)
+    (['a', 'b'], '')
+    """
+    mounts: list[dict[str, Any]] = []
+    bodies = {name: view._body(f"{prefix}-{name}", mounts) for name, view in views.items()}
+    return bodies, mount_script(mounts)
+
+
 @dataclass(frozen=True)
 class Component:
     """A circuitsvis React component (e.g. ``"ColoredTokensMulti"``) and its props."""
@@ -263,6 +288,12 @@ class View(RenderedHTML):
         notebook never share one; a page of its own can fix it (the report does)."""
         prefix = prefix or "icl-lens-" + uuid.uuid4().hex[:10]
         mounts: list[dict[str, Any]] = []
+        body = self._body(prefix, mounts)
+        return body, mount_script(mounts, bundle=bundle)
+
+    def _body(self, prefix: str, mounts: list[dict[str, Any]]) -> Markup:
+        """The parts' HTML, each component a placeholder ``{prefix}-{n}`` added to
+        ``mounts``."""
 
         def tree(parts: Sequence[Any]) -> list[dict[str, Any]]:
             out: list[dict[str, Any]] = []
@@ -277,12 +308,7 @@ class View(RenderedHTML):
                     out.append({"html": part})
             return out
 
-        body = render("parts.html.j2", parts=tree(self.parts))
-        script = Markup("")
-        if mounts:
-            js = circuitsvis_bundle() if bundle else Markup("")
-            script = render("mount.html.j2", bundle=js, mounts=mounts)
-        return body, script
+        return render("parts.html.j2", parts=tree(self.parts))
 
     @property
     def local_src(self) -> str:  # type: ignore[override]

@@ -14,7 +14,12 @@ with the run (:mod:`icl_lens.views.run_data`) and its matplotlib figures (inline
   layer-causal FT);
 - what the run cannot say (its flags: a learning rate at the edge of its grid, ...);
 - layer x head heatmaps (:mod:`icl_lens.views.heatmaps`) and the circuitsvis panels of
-  the top heads by ``|dW_ICL q|`` with the query's attention under ZSL / ICL / FT.
+  the top heads by ``|dW_ICL q|`` with the query's attention under ZSL / ICL / FT;
+- when the run has ``interventions.json`` (``icl-lens run --interventions``), the
+  causal tests of the dual form: necessity and sufficiency per head and the top-k
+  curves (:mod:`icl_lens.views.interventions`), the whole-model and all-heads tables
+  with intervals and flags, and the top head's transplanted update token by token
+  (``transplant_view.json``).
 
 Everything is inlined (circuitsvis's JavaScript once, SVG figures, CSS): the page opens
 with networking off.
@@ -43,7 +48,8 @@ from icl_lens.views.figures import (
     svg,
 )
 from icl_lens.views.heatmaps import metric_grids, plot_decomposition_heads, plot_metric_heads
-from icl_lens.views.page import SETTING_NAMES, fmt, render
+from icl_lens.views.interventions import plot_curve, plot_heads
+from icl_lens.views.page import SETTING_NAMES, View, fmt, render, render_views
 from icl_lens.views.run_data import (
     RunData,
     ViewData,
@@ -238,6 +244,112 @@ def _overview(run: RunData) -> list[Any]:
     return figures
 
 
+# ---------------------------------------------------------------------------------------
+# The interventions
+# ---------------------------------------------------------------------------------------
+
+HEAD_COLUMNS = (
+    ("knockout", "", "removed", "removed by Knockout({h})"),
+    ("restore", "", "recovered", "recovered by Restore({h})"),
+    ("transplant", "linear", "recovered", "Transplant({h}, linear)"),
+    ("transplant", "fitted", "recovered", "Transplant({h}, fitted)"),
+)
+INFO_ROWS = (
+    ("task", "task"),
+    ("k_effective", "demonstrations"),
+    ("n_queries", "measured queries"),
+    ("blind_vs_zsl", "max |Blind - ZSL| logits"),
+    ("icl_vs_blind", "max |ICL - Blind| logits"),
+    ("path", "path"),
+)
+
+
+def _info(value: Any) -> str:
+    return str(value) if isinstance(value, (str, int)) else fmt(value)
+
+
+def _with_ci(row: Any) -> str:
+    if row is None:
+        return ""
+    ci = f" [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]" if pd.notna(row["ci_low"]) else ""
+    return fmt(row["value"]) + ci
+
+
+def _flags(rows: pd.DataFrame) -> str:
+    return "; ".join(dict.fromkeys(str(f) for f in rows["flag"] if isinstance(f, str)))
+
+
+def _model_table(frame: pd.DataFrame) -> dict[str, Any]:
+    """Whole-model rows, one per condition and control: each metric's mean and the share
+    of ICL's effect it recovers or removes, with their intervals."""
+    model = frame[frame["scope"] == "model"]
+    rows = []
+    for (intervention, form, control), group in model.groupby(
+        ["intervention", "form", "control"], sort=False, dropna=False
+    ):
+        cells = [f"{intervention} ({form})" if form else intervention, control]
+        for metric in ("margin", "accuracy"):
+            rows_of = group[group["metric"] == metric]
+            value = rows_of[rows_of["quantity"] == "value"]
+            share = rows_of[rows_of["quantity"] != "value"]
+            cells.append(_with_ci(value.iloc[0] if len(value) else None))
+            name = f"{share['quantity'].iloc[0]} " if len(share) else ""
+            cells.append(name + _with_ci(share.iloc[0]) if len(share) else "")
+        cells.append(_flags(group))
+        rows.append(cells)
+    columns = ["condition", "control", "margin", "share of the margin", "accuracy",
+               "share of the accuracy", "flag"]  # fmt: skip
+    return {"columns": columns, "rows": rows}
+
+
+def _heads_table(result: Any, metric: str = "margin") -> dict[str, Any]:
+    """Every head: removed by its knockout, recovered by its restore and transplants
+    (intervals), its fitted c_h, its flags."""
+    frame = result.frame
+    heads = frame[(frame["scope"] == "head") & (frame["control"] == "none")]
+    heads = heads[heads["metric"] == metric]
+    rows = []
+    for (layer, head), group in heads.groupby(["layer", "head"]):
+        cells = [f"L{layer}H{head}"]
+        for intervention, form, quantity, _ in HEAD_COLUMNS:
+            match = group[
+                (group["intervention"] == intervention)
+                & (group["form"].fillna("") == form)
+                & (group["quantity"] == quantity)
+            ]
+            cells.append(_with_ci(match.iloc[0] if len(match) else None))
+        cells.append(fmt(float(result.scales[layer, head])))
+        cells.append(_flags(group[group["quantity"] != "value"]))
+        rows.append(cells)
+    columns = ["head", *(c[3] for c in HEAD_COLUMNS), "fitted c_h", "flag"]
+    return {"columns": columns, "rows": rows, "metric": metric}
+
+
+def _interventions(run: RunData) -> dict[str, Any] | None:
+    result = run.interventions
+    if result is None:
+        return None
+    frame, info = result.frame, result.info
+    figures = []
+    for plot in (plot_heads, plot_curve):
+        try:
+            figures.append(svg(plot(result)))
+        except ValueError:  # a run without per-head rows or curves: no figure of them
+            continue
+    rows = [(name, _info(info[key])) for key, name in INFO_ROWS if key in info]
+    rows.append(("task vector layer", result.task_vector_layer))
+    rows.append(("most necessary heads (fit queries)", ", ".join(
+        f"L{la}H{h}" for la, h in result.ranking[:5])))  # fmt: skip
+    return {
+        "rows": rows,
+        "figures": figures,
+        "model_table": _model_table(frame),
+        "heads_table": _heads_table(result),
+        "flags": [str(f) for f in result.flags],
+        "transplant": run.transplant,
+    }
+
+
 def _package_version() -> str:
     try:
         return version("icl-lens")
@@ -253,9 +365,11 @@ def render_report(source: Any, *, views: ViewData | None = None, title: str | No
     title = title or (f"icl-lens report: {task}" if task else "icl-lens report")
     panels = run.views
     has_panels = panels is not None and bool(panels.meta_gradients or panels.attention)
-    body = script = None
-    if has_panels:  # fixed element ids: the same run gives the same page
-        body, script = panels.view().render(prefix="icl-lens-report")
+    views = {"panels": panels.view()} if has_panels else {}
+    if run.transplant is not None:
+        views["transplant"] = View(run.transplant.view())
+    # fixed element ids: the same run gives the same page; one script mounts them all
+    bodies, script = render_views(views, prefix="icl-lens-report")
     return str(
         render(
             "report.html.j2",
@@ -268,8 +382,10 @@ def render_report(source: Any, *, views: ViewData | None = None, title: str | No
             flags=[str(f) for f in results.get("flags") or []],
             overview=_overview(run),
             panels=panels if has_panels else None,
-            panels_body=body,
-            panels_script=script,
+            panels_body=bodies.get("panels"),
+            interventions=_interventions(run),
+            transplant_body=bodies.get("transplant"),
+            script=script,
             version=_package_version(),
         )
     )

@@ -4,7 +4,10 @@ per-token data of its circuitsvis panels (:class:`ViewData`, ``views.json``).
 A run directory holds ``results.json`` and ``metrics.csv`` (written by ``icl-lens run``
 or :meth:`Comparison.to_json` / ``to_csv``) and, optionally, ``views.json``, written by
 :func:`save_views` from the model, the ICL prompt and the finetuned model (or its
-learning rate).
+learning rate); ``interventions.json`` (``icl-lens run --interventions``,
+``Interventions.to_json``) and ``transplant_view.json``, written by
+:func:`save_transplant_view` from the model and that result (the top head's transplanted
+update, token by token).
 
 >>> save_views("runs/toy", model, prompt, ft_lr=cmp.lr, spec=task.spec)  # doctest: +SKIP
 >>> load_run("runs/toy").metrics.head()                                 # doctest: +SKIP
@@ -27,9 +30,11 @@ from icl_lens.files import atomic_write_text
 from icl_lens.model.adapter import adapt
 from icl_lens.study.duality import decompose
 from icl_lens.study.finetune import finetune
+from icl_lens.study.intervention_result import Interventions
 from icl_lens.study.predict import label_tokens as task_label_tokens
 from icl_lens.views.attention import AttentionComparison, attention_comparison
 from icl_lens.views.heatmaps import head_summary
+from icl_lens.views.interventions import transplant_data
 from icl_lens.views.meta_gradients import (
     MetaGradients,
     meta_gradients,
@@ -38,11 +43,21 @@ from icl_lens.views.meta_gradients import (
 )
 from icl_lens.views.page import View, display_tokens, plain
 
-__all__ = ["RunData", "ViewData", "collect_views", "load_run", "normalise_frame", "save_views"]
+__all__ = [
+    "RunData",
+    "ViewData",
+    "collect_views",
+    "load_run",
+    "normalise_frame",
+    "save_transplant_view",
+    "save_views",
+]
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.csv"
 VIEWS_FILE = "views.json"
+INTERVENTIONS_FILE = "interventions.json"
+TRANSPLANT_FILE = "transplant_view.json"
 
 # ---------------------------------------------------------------------------------------
 # Per-token view data (views.json)
@@ -228,6 +243,25 @@ def save_views(directory: str | os.PathLike, model, prompt, **kwargs) -> Path:
     return collect_views(model, prompt, **kwargs).save(directory)
 
 
+def save_transplant_view(
+    directory: str | os.PathLike,
+    model,
+    result: Interventions,
+    *,
+    layer: int | None = None,
+    head: int | None = None,
+    query: int = 0,
+) -> Path:
+    """The transplanted update of head ``(layer, head)`` (default: the most necessary)
+    for measured query ``query`` of ``result``, token by token
+    (:func:`~icl_lens.views.interventions.transplant_data`), written to
+    ``DIRECTORY/transplant_view.json``; ``icl-lens report DIRECTORY`` shows it beside
+    ``interventions.json``."""
+    data = transplant_data(result, model, layer, head, query)
+    text = json.dumps(data.to_dict(), allow_nan=False)
+    return atomic_write_text(Path(directory) / TRANSPLANT_FILE, text + "\n")
+
+
 # ---------------------------------------------------------------------------------------
 # Loading a run
 # ---------------------------------------------------------------------------------------
@@ -235,12 +269,15 @@ def save_views(directory: str | os.PathLike, model, prompt, **kwargs) -> Path:
 
 @dataclass
 class RunData:
-    """A run's results (the ``results.json`` dict), tidy metric frame and view data."""
+    """A run's results (the ``results.json`` dict), tidy metric frame and view data;
+    its interventions (``interventions.json``) and their transplant view when present."""
 
     results: dict[str, Any]
     metrics: pd.DataFrame
     views: ViewData | None = None
     source: str = ""
+    interventions: Interventions | None = None
+    transplant: MetaGradients | None = None
 
 
 def _read_frame(path: Path) -> pd.DataFrame:
@@ -339,4 +376,45 @@ def load_run(directory: str | os.PathLike) -> RunData:
                 f"{directory / VIEWS_FILE} is not valid view data ({err}); write it again "
                 "with `icl-lens run`, or delete it to report without the per-token panels"
             ) from err
-    return RunData(results=results, metrics=frame, views=views, source=str(directory))
+    interventions, transplant = _load_interventions(directory)
+    return RunData(
+        results=results,
+        metrics=frame,
+        views=views,
+        source=str(directory),
+        interventions=interventions,
+        transplant=transplant,
+    )
+
+
+def _load_interventions(directory: Path) -> tuple[Interventions | None, MetaGradients | None]:
+    """``interventions.json`` and ``transplant_view.json`` where the run has them."""
+    interventions = transplant = None
+    path = directory / INTERVENTIONS_FILE
+    if path.is_file():
+        try:
+            interventions = Interventions.from_json(path)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{path} is not an interventions result ({type(err).__name__}: {err}); write "
+                "it again with `icl-lens run --interventions`, or delete it to report "
+                "without the interventions"
+            ) from err
+    path = directory / TRANSPLANT_FILE
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            _require_keys(data, VIEW_KEYS["meta_gradients"], TRANSPLANT_FILE)
+            transplant = MetaGradients.from_dict(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{path} is not valid view data ({err}); write it again with "
+                "icl_lens.views.run_data.save_transplant_view(DIR, model, result), or "
+                "delete it to report without the transplant view"
+            ) from err
+        if transplant.kind != "transplant":
+            raise ValueError(
+                f"{path} holds the ICL forward's meta-gradients, not a transplant: write it "
+                "with icl_lens.views.run_data.save_transplant_view(DIR, model, result)"
+            )
+    return interventions, transplant
