@@ -146,8 +146,10 @@ def test_plot_heads_refuses_what_it_cannot_draw(frame):
         views.plot_heads(frame.drop(columns="quantity"))
     with pytest.raises(ValueError, match="metric 'logit' is not in the frame; choose"):
         views.plot_heads(frame, metric="logit")
-    with pytest.raises(ValueError, match="no per-head rows"):
-        views.plot_heads(frame[frame["scope"] != "head"])
+    with pytest.raises(ValueError, match="no head scan .*head_scan=True for the heatmaps"):
+        views.plot_heads(frame[frame["scope"] != "head"])  # as head_scan=False leaves it
+    with pytest.raises(ValueError, match="no per-head rows for metric 'margin' and control"):
+        views.plot_heads(frame, control="other_task_nowhere")
     with pytest.raises(ValueError, match="head L0H0 has several values"):
         views.plot_heads(pd.concat([frame, frame]))
     with pytest.raises(TypeError, match="Interventions"):

@@ -171,10 +171,14 @@ def plot_heads(
         grid = rows.pivot(index="layer", columns="head", values="value").astype(float)
         grids.append((title, grid.sort_index().sort_index(axis=1)))
     if not grids:
-        raise ValueError(
-            f"no per-head rows (scope 'head') for metric {metric!r} and control "
-            f"{control!r}: the frame has scopes {sorted(set(frame['scope']))}"
+        scopes = sorted(set(intervention_frame(result)["scope"]))
+        why = (
+            "the result has no head scan (computed with head_scan=False, --no-head-scan): "
+            "rerun with head_scan=True for the heatmaps; plot_curve needs no scan"
+            if "head" not in scopes
+            else f"the frame has scopes {sorted(set(frame['scope']))} there"
         )
+        raise ValueError(f"no per-head rows for metric {metric!r} and control {control!r}: {why}")
     fig, axes = new_figure(len(grids), panel=panel_size(grids[0][1]), ncols=ncols)
     undefined = False
     for ax, (title, grid) in zip(axes, grids, strict=True):
