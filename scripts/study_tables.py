@@ -1,24 +1,44 @@
-"""Markdown tables of a sweep (finished cells so far), as docs/real-models.md shows them.
+"""docs/real-models.md's study tables from a sweep, and the checks of its reading.
 
-    python scripts/study_tables.py runs/gemma3-study > tables.md
+    python scripts/study_tables.py runs/gemma3-study                  # print the tables
+    python scripts/study_tables.py runs/gemma3-study --write docs/real-models.md
+    python scripts/study_tables.py --check docs/real-models.md        # CI: tests/test_docs_study.py
 
-Per task: ZSL / ICL / FT accuracy (mean over seeds, with the untrained-weights control's)
-and every metric with its spread over seeds, its 95% interval (hierarchical bootstrap:
-seeds, then queries) and its baselines; then the mean over tasks next to the paper's
-averages (docs/method.md). Reads the cells' results.json and values.npz through
-icl_lens.sweep.tables; writes nothing.
+``--write`` stores the numbers the tables show (means over demonstration sets with their
+spread, interval, flag and baselines, per task and protocol; per set: accuracy, the chosen
+learning rate, the run's flags, demonstration tokens, Rec2FTP's queries) in
+docs/real-models-numbers.json and rewrites the doc's table block from them. ``--check``
+renders the tables from that file again and verifies the doc: its block must be what they
+render, every ``<!-- check: QUOTE = EXPRESSION -->`` must hold (QUOTE as the text writes
+it; EXPRESSION over the numbers, rounded to QUOTE's decimals), and every number in the
+reading below the tables must be checked or listed in a ``<!-- given: ... -->`` (settings,
+not results). Reads the cells' results.json and values.npz through icl_lens.sweep.tables.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import re
 import sys
 from pathlib import Path
+from statistics import fmean
+from typing import Any
 
 import pandas as pd
 
-from icl_lens.sweep.grid import SEED_KEYS, Cell
+from icl_lens.files import atomic_write_text
+from icl_lens.sweep.grid import Cell
+from icl_lens.sweep.status import cell_directory, is_done
 from icl_lens.sweep.tables import aggregate_frame, summary_frame
+
+BEGIN = "<!-- study tables: python scripts/study_tables.py runs/gemma3-study -->"
+END = "<!-- end of study tables -->"
+OVERALL_COLUMNS = [
+    "task", "protocol", "metric", "variant", "baseline",
+    "mean", "std", "min", "max", "n", "ci_low", "ci_high", "n_sets", "flag", "eligible",
+]  # fmt: skip
 
 METRICS = [
     ("rec2ftp", "paper", "Rec2FTP"),
@@ -61,14 +81,16 @@ def _fmt(x: float, pct: bool = False) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3f}"
 
 
-def frames(root: Path) -> tuple[pd.DataFrame, list[str]]:
+def numbers(root: Path) -> dict[str, Any]:
+    """What the tables and the reading quote, from the sweep's done cells: ``overall``
+    (one row per task, protocol, metric, variant, baseline; over sets) and ``cells`` (one
+    per demonstration set: accuracy, chosen learning rate, flags, tokens, Rec2FTP counts)."""
     grid = json.loads((root / "sweep.json").read_text())
     cells = [Cell.from_dict(c) for c in grid["cells"]]
     summary = summary_frame(root, cells)
-    keys = list(cells[0].grid)
-    aggregate = aggregate_frame(root, summary, keys)
+    aggregate = aggregate_frame(root, summary, list(cells[0].grid))
     overall = aggregate[(aggregate["layer"] == -1) & (aggregate["head"] == -1)].copy()
-    # Rec2FTP rests on the queries ZSL gets wrong and FT right: say how many, per seed
+    # Rec2FTP rests on the queries ZSL gets wrong and FT right: say how many, per set
     eligible = summary[
         (summary["metric"] == "rec2ftp")
         & (summary["baseline"] == "none")
@@ -81,7 +103,37 @@ def frames(root: Path) -> tuple[pd.DataFrame, list[str]]:
         counts.get((t, p), "") if m == "rec2ftp" else ""
         for t, p, m in zip(overall["task"], overall["protocol"], overall["metric"], strict=True)
     ]
-    return overall, [k for k in keys if k not in SEED_KEYS]
+    overall = overall[OVERALL_COLUMNS].astype(object).where(overall[OVERALL_COLUMNS].notna(), None)
+    per_set = []
+    for cell in cells:
+        if not is_done(cell_directory(root, cell)):
+            continue
+        result = json.loads((cell_directory(root, cell) / "results.json").read_text())
+        info, config = result["info"], result["config"]
+        per_set.append(
+            {
+                **{k: cell.grid[k] for k in cell.grid},
+                "accuracy": result["accuracy"],
+                "lr": result["lr"]["selected"],
+                "lr_grid": [row["lr"] for row in result["lr"]["grid"]],
+                "flags": result["flags"],
+                "k": info["k_effective"],
+                "demonstration_tokens": info["demonstration_tokens"],
+                "n_queries": info["n_queries"],
+                "rec2ftp_counts": info.get("rec2ftp_counts"),
+                "untrained_accuracy": result["control"]["accuracy"],
+                "lr_grid_asked": config["lr_grid"],
+            }
+        )
+    return {"overall": overall.to_dict("records"), "cells": per_set}
+
+
+def overall_frame(data: dict[str, Any]) -> pd.DataFrame:
+    frame = pd.DataFrame(data["overall"], columns=OVERALL_COLUMNS)
+    for column in ("mean", "std", "min", "max", "ci_low", "ci_high"):
+        frame[column] = frame[column].astype(float)
+    frame["eligible"] = frame["eligible"].fillna("")
+    return frame
 
 
 def _row(frame: pd.DataFrame, metric: str, variant: str, baseline: str) -> pd.Series | None:
@@ -112,11 +164,12 @@ def task_table(frame: pd.DataFrame, task: str, protocols: list[str]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper} |")
     lines += [
         "",
-        "| metric | protocol | value ± sd over seeds [95% CI] | "
+        "| metric | protocol | value ± sd over sets [95% CI] | "
         + " | ".join(c for _, c in COLUMNS)
-        + " |",
-        "|---" * (3 + len(COLUMNS)) + "|",
+        + " | flag |",
+        "|---" * (4 + len(COLUMNS)) + "|",
     ]
+    flags: list[str] = []  # each distinct flag once, under the table, by number
     for metric, variant, label in METRICS:
         for p in protocols:
             sub = frame[frame["protocol"] == p]
@@ -128,14 +181,20 @@ def task_table(frame: pd.DataFrame, task: str, protocols: list[str]) -> str:
                 f"[{_fmt(obs['ci_low'])}, {_fmt(obs['ci_high'])}]"
             )
             if obs["eligible"]:
-                value += f" (queries per seed: {obs['eligible']})"
+                value += f" (queries per set: {obs['eligible']})"
             rest = []
             for baseline, _ in COLUMNS:
                 if metric == "rec2ftp" and baseline == "shuffled_queries":
                     baseline = "independent"
                 r = _row(sub, metric, variant, baseline)
                 rest.append(_fmt(r["mean"]) if r is not None else "")
-            lines.append(f"| {label} | {p} | {value} | " + " | ".join(rest) + " |")
+            flag = obs["flag"] or ""
+            if flag and flag not in flags:
+                flags.append(flag)
+            mark = f"[{flags.index(flag) + 1}]" if flag else ""
+            lines.append(f"| {label} | {p} | {value} | " + " | ".join(rest) + f" | {mark} |")
+    if flags:
+        lines += ["", *(f"[{i}] {flag}  " for i, flag in enumerate(flags, 1))]
     return "\n".join(lines)
 
 
@@ -168,14 +227,131 @@ def average_table(frame: pd.DataFrame, protocols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(root: str) -> None:
-    frame, keys = frames(Path(root))
+def render(data: dict[str, Any]) -> str:
+    """The tables (markdown) of :func:`numbers`' output."""
+    frame = overall_frame(data)
     protocols = [p for p in ("prediction", "dai2023") if p in set(frame["protocol"])]
     tasks = [t for t in PAPER_ACCURACY if t in set(frame["task"])]
-    print("\n\n".join([task_table(frame[frame["task"] == t], t, protocols) for t in tasks]))
-    print()
-    print(average_table(frame, protocols))
+    tables = [task_table(frame[frame["task"] == t], t, protocols) for t in tasks]
+    return "\n\n".join([*tables, average_table(frame, protocols)])
+
+
+def numbers_path(doc: Path) -> Path:
+    return doc.with_name(doc.stem + "-numbers.json")
+
+
+def _block(text: str, doc: Path) -> tuple[int, int]:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc} has no table block: the lines {BEGIN!r} and {END!r}")
+    return text.index(BEGIN) + len(BEGIN), text.index(END)
+
+
+def write_doc(root: Path, doc: Path) -> None:
+    """Store the sweep's numbers beside ``doc`` and rewrite its table block from them."""
+    data = numbers(root)
+    text = doc.read_text()
+    begin, end = _block(text, doc)
+    atomic_write_text(numbers_path(doc), json.dumps(data, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(doc, text[:begin] + "\n" + render(data) + "\n" + text[end:])
+
+
+# ---- the checks of the reading -------------------------------------------------------
+
+CHECK = re.compile(r"<!-- check: (.+?) -->", re.S)
+GIVEN = re.compile(r"<!-- given: (.+?) -->", re.S)
+NUMBER = re.compile(r"(?<![\w.])\d{1,3}(?:,\d{3})+(?![\w,])|(?<![\w.])\d+(?:\.\d+)?(?![\w])")
+NOT_PROSE = re.compile(r"<!--.*?-->|`[^`]*`|\]\([^)]*\)|\d+(?:\.\d+)?e-?\d+", re.S)
+
+
+def namespace(data: dict[str, Any]) -> dict[str, Any]:
+    """What a check's expression may use: ``v(task, protocol, metric, variant,
+    baseline="none", stat="mean")``, ``tasks(protocol, metric, variant, baseline="none",
+    stat="mean")`` (one value per task), ``sets(**where)`` (the per-set records),
+    ``pct``, ``mean`` and Python's min, max, sum, len, sorted, abs, round."""
+    frame = overall_frame(data)
+
+    def rows(**where: str) -> pd.DataFrame:
+        hit = frame
+        for key, value in where.items():
+            hit = hit[hit[key] == value]
+        return hit
+
+    def v(task, protocol, metric, variant, baseline="none", stat="mean"):
+        hit = rows(task=task, protocol=protocol, metric=metric, variant=variant, baseline=baseline)
+        if len(hit) != 1:
+            raise KeyError(f"{len(hit)} rows for {task}/{protocol}/{metric}/{variant}/{baseline}")
+        return hit.iloc[0][stat]
+
+    def tasks(protocol, metric, variant, baseline="none", stat="mean"):
+        hit = rows(protocol=protocol, metric=metric, variant=variant, baseline=baseline)
+        return [x for x in hit[stat] if x is not None and not pd.isna(x)]
+
+    def sets(**where):
+        return [c for c in data["cells"] if all(c[k] == x for k, x in where.items())]
+
+    builtins = {f.__name__: f for f in (min, max, sum, len, sorted, abs, round, any, all)}
+    return {"__builtins__": builtins, "v": v, "tasks": tasks, "sets": sets,
+            "pct": lambda x: 100 * x, "mean": fmean}  # fmt: skip
+
+
+def _decimals(quote: str) -> int:
+    return len(quote.split(".")[1]) if "." in quote else 0
+
+
+def check_doc(doc: Path) -> list[str]:
+    """What in ``doc`` its numbers file does not bear out (empty: all of it)."""
+    text = doc.read_text()
+    data = json.loads(numbers_path(doc).read_text())
+    begin, end = _block(text, doc)
+    problems = []
+    if text[begin:end].strip() != render(data).strip():
+        problems.append("the table block is not what the numbers render: rerun --write")
+    env = namespace(data)
+    reading = text[end:].split("\n## ")[0]
+    for paragraph in re.split(r"\n\s*\n", reading):
+        checked = set()
+        for quote, expression in (
+            part.split("=", 1)
+            for match in CHECK.findall(paragraph)
+            for part in match.split(";")  # fmt: skip
+        ):
+            quote, expression = quote.strip(), expression.strip()
+            checked.add(quote)
+            try:
+                value = float(eval(expression, env))  # the doc's own expressions
+            except Exception as err:  # noqa: BLE001 - any failure is the check's answer
+                problems.append(f"{quote} = {expression}: {type(err).__name__}: {err}")
+                continue
+            wanted = float(quote.replace(",", ""))
+            if not math.isclose(value, wanted, abs_tol=0.5 * 10 ** -_decimals(quote) + 1e-9):
+                problems.append(f"{quote} = {expression}: the numbers give {value:.6g}")
+        for given in GIVEN.findall(paragraph):  # "16 (shots), 512 (the window)"
+            checked |= set(NUMBER.findall(re.sub(r"\([^)]*\)", "", given)))
+        prose = NOT_PROSE.sub(" ", paragraph)
+        for number in NUMBER.findall(prose):
+            if number not in checked:
+                problems.append(f"{number!r} is neither checked nor given in: {prose[:80]!r}...")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("root", nargs="?", type=Path, help="the sweep's output directory")
+    parser.add_argument("--write", type=Path, metavar="DOC", help="rewrite DOC's tables")
+    parser.add_argument("--check", type=Path, metavar="DOC", help="check DOC's reading")
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = check_doc(args.check)
+        print("\n".join(problems) or f"{args.check}: every quoted number checks out")
+        return 1 if problems else 0
+    if args.root is None:
+        parser.error("give the sweep's directory, or --check DOC")
+    if args.write:
+        write_doc(args.root, args.write)
+    else:
+        print(render(numbers(args.root)))
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main())
