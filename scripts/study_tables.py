@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import sys
 from pathlib import Path
-from statistics import fmean
 from typing import Any
 
 import pandas as pd
+from doc_checks import HELPERS, check_reading, table_block
 
 from icl_lens.files import atomic_write_text
 from icl_lens.sweep.grid import Cell
@@ -240,27 +238,16 @@ def numbers_path(doc: Path) -> Path:
     return doc.with_name(doc.stem + "-numbers.json")
 
 
-def _block(text: str, doc: Path) -> tuple[int, int]:
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{doc} has no table block: the lines {BEGIN!r} and {END!r}")
-    return text.index(BEGIN) + len(BEGIN), text.index(END)
-
-
 def write_doc(root: Path, doc: Path) -> None:
     """Store the sweep's numbers beside ``doc`` and rewrite its table block from them."""
     data = numbers(root)
     text = doc.read_text()
-    begin, end = _block(text, doc)
+    begin, end = table_block(text, doc, BEGIN, END)
     atomic_write_text(numbers_path(doc), json.dumps(data, indent=1, sort_keys=True) + "\n")
     atomic_write_text(doc, text[:begin] + "\n" + render(data) + "\n" + text[end:])
 
 
-# ---- the checks of the reading -------------------------------------------------------
-
-CHECK = re.compile(r"<!-- check: (.+?) -->", re.S)
-GIVEN = re.compile(r"<!-- given: (.+?) -->", re.S)
-NUMBER = re.compile(r"(?<![\w.])\d{1,3}(?:,\d{3})+(?![\w,])|(?<![\w.])\d+(?:\.\d+)?(?![\w])")
-NOT_PROSE = re.compile(r"<!--.*?-->|`[^`]*`|\]\([^)]*\)|\d+(?:\.\d+)?e-?\d+", re.S)
+# ---- the checks of the reading (scripts/doc_checks.py) --------------------------------
 
 
 def namespace(data: dict[str, Any]) -> dict[str, Any]:
@@ -289,49 +276,19 @@ def namespace(data: dict[str, Any]) -> dict[str, Any]:
     def sets(**where):
         return [c for c in data["cells"] if all(c[k] == x for k, x in where.items())]
 
-    builtins = {f.__name__: f for f in (min, max, sum, len, sorted, abs, round, any, all)}
-    return {"__builtins__": builtins, "v": v, "tasks": tasks, "sets": sets,
-            "pct": lambda x: 100 * x, "mean": fmean}  # fmt: skip
-
-
-def _decimals(quote: str) -> int:
-    return len(quote.split(".")[1]) if "." in quote else 0
+    return {"v": v, "tasks": tasks, "sets": sets,
+            **HELPERS}  # fmt: skip
 
 
 def check_doc(doc: Path) -> list[str]:
     """What in ``doc`` its numbers file does not bear out (empty: all of it)."""
     text = doc.read_text()
     data = json.loads(numbers_path(doc).read_text())
-    begin, end = _block(text, doc)
+    begin, end = table_block(text, doc, BEGIN, END)
     problems = []
     if text[begin:end].strip() != render(data).strip():
         problems.append("the table block is not what the numbers render: rerun --write")
-    env = namespace(data)
-    reading = text[end:].split("\n## ")[0]
-    for paragraph in re.split(r"\n\s*\n", reading):
-        checked = set()
-        for quote, expression in (
-            part.split("=", 1)
-            for match in CHECK.findall(paragraph)
-            for part in match.split(";")  # fmt: skip
-        ):
-            quote, expression = quote.strip(), expression.strip()
-            checked.add(quote)
-            try:
-                value = float(eval(expression, env))  # the doc's own expressions
-            except Exception as err:  # noqa: BLE001 - any failure is the check's answer
-                problems.append(f"{quote} = {expression}: {type(err).__name__}: {err}")
-                continue
-            wanted = float(quote.replace(",", ""))
-            if not math.isclose(value, wanted, abs_tol=0.5 * 10 ** -_decimals(quote) + 1e-9):
-                problems.append(f"{quote} = {expression}: the numbers give {value:.6g}")
-        for given in GIVEN.findall(paragraph):  # "16 (shots), 512 (the window)"
-            checked |= set(NUMBER.findall(re.sub(r"\([^)]*\)", "", given)))
-        prose = NOT_PROSE.sub(" ", paragraph)
-        for number in NUMBER.findall(prose):
-            if number not in checked:
-                problems.append(f"{number!r} is neither checked nor given in: {prose[:80]!r}...")
-    return problems
+    return problems + check_reading(text[end:].split("\n## ")[0], namespace(data))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ DOC = ROOT / "docs" / "real-models.md"
 
 @pytest.fixture(scope="module")
 def tables():
+    sys.path.insert(0, str(ROOT / "scripts"))  # study_tables imports doc_checks beside it
     spec = importlib.util.spec_from_file_location(
         "study_tables", ROOT / "scripts" / "study_tables.py"
     )
@@ -107,3 +109,13 @@ def test_the_flag_column_names_each_flag_under_the_table(tables):
     text = tables.render(NUMBERS)
     assert "| Kendall tau-b | prediction | 0.127 ± 0.010 [0.100, 0.150] | 0.125 |" in text
     assert text.count("[1]") == 2 and "[1] 1 set" in text
+
+
+def test_signs_ranges_and_separators_are_read_as_written(tables):
+    from doc_checks import check_reading
+
+    text = "From -0.07 to 0.89-0.94, \u22120.5 and 2,000 queries at 1e-4 in `k=32`."
+    checks = "<!-- check: -0.07 = -0.071; 0.89 = 0.891; 0.94 = 0.94; -0.5 = -0.5; 2,000 = 2000 -->"
+    assert check_reading(f"{text} {checks}", {}) == []
+    problems = check_reading(text.replace("-0.07", "0.07") + " " + checks, {})
+    assert len(problems) == 1 and problems[0].startswith("'0.07' is neither checked nor given")

@@ -1,0 +1,71 @@
+"""Checks that a document quotes only what its numbers say (scripts/study_tables.py,
+scripts/intervention_study.py).
+
+A table block sits between two marker lines and is written by a script from a numbers
+file beside the document. Below it, the reading: every number in its prose must either
+be checked, ``<!-- check: QUOTE = EXPRESSION; ... -->`` (QUOTE as the text writes it,
+EXPRESSION over the numbers, equal once rounded to QUOTE's decimals), or declared a
+setting, ``<!-- given: 16 (shots), 512 (the local layers' window) -->``, in the same
+paragraph. Numbers in code spans, links and scientific notation are not prose.
+
+>>> check_reading("ICL gains 4.7 points. <!-- check: 4.7 = 79.7 - 75.0 -->", {})
+[]
+>>> check_reading("ICL gains 5 points.", {})
+["'5' is neither checked nor given in: 'ICL gains 5 points.'"]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+CHECK = re.compile(r"<!-- check: (.+?) -->", re.S)
+GIVEN = re.compile(r"<!-- given: (.+?) -->", re.S)
+NUMBER = re.compile(
+    r"(?:(?<![\w.)\]])-)?(?<![\w.])(?:\d{1,3}(?:,\d{3})+(?![\w,])|\d+(?:\.\d+)?(?![\w]))"
+)
+NOT_PROSE = re.compile(r"<!--.*?-->|`[^`]*`|\]\([^)]*\)|\d+(?:\.\d+)?e-?\d+", re.S)
+BUILTINS = {f.__name__: f for f in (min, max, sum, len, sorted, abs, round, any, all)}
+HELPERS = {"pct": lambda x: 100 * x, "mean": fmean}
+
+
+def table_block(text: str, doc: Path | str, begin: str, end: str) -> tuple[int, int]:
+    """Where the block between the marker lines ``begin`` and ``end`` starts and ends."""
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc} has no table block: the lines {begin!r} and {end!r}")
+    return text.index(begin) + len(begin), text.index(end)
+
+
+def _decimals(quote: str) -> int:
+    return len(quote.split(".")[1]) if "." in quote else 0
+
+
+def check_reading(reading: str, env: dict[str, Any]) -> list[str]:
+    """What in ``reading`` the expressions over ``env`` do not bear out (empty: all)."""
+    env = {"__builtins__": BUILTINS, **HELPERS, **env}
+    problems = []
+    for paragraph in re.split(r"\n\s*\n", reading.replace("\u2212", "-")):
+        checked = set()
+        for match in CHECK.findall(paragraph):
+            for part in match.split(";"):
+                quote, expression = (x.strip() for x in part.split("=", 1))
+                checked.add(quote)
+                try:
+                    value = float(eval(expression, env))  # the document's own expressions
+                except Exception as err:  # noqa: BLE001 - any failure is the check's answer
+                    problems.append(f"{quote} = {expression}: {type(err).__name__}: {err}")
+                    continue
+                wanted = float(quote.replace(",", ""))
+                tolerance = 0.5 * 10 ** -_decimals(quote) + 1e-9
+                if not math.isclose(value, wanted, rel_tol=0, abs_tol=tolerance):
+                    problems.append(f"{quote} = {expression}: the numbers give {value:.6g}")
+        for given in GIVEN.findall(paragraph):
+            checked |= set(NUMBER.findall(re.sub(r"\([^)]*\)", "", given)))
+        prose = NOT_PROSE.sub(" ", paragraph)
+        for number in NUMBER.findall(prose):
+            if number not in checked:
+                problems.append(f"{number!r} is neither checked nor given in: {prose[:80]!r}")
+    return problems
