@@ -30,6 +30,9 @@ import icl_lens as il
 from icl_lens.files import atomic_write_text
 from icl_lens.study.intervention_result import Interventions, InterventionSet
 
+sys.path.insert(0, str(Path(__file__).parent))  # doc_checks beside this script
+from doc_checks import check_reading, table_block  # noqa: E402
+
 
 def _model(names: list[str]):
     if names == ["toy"]:
@@ -111,21 +114,68 @@ def _pick(table: pd.DataFrame, **where) -> pd.Series | None:
     return None if rows.empty else rows.iloc[0]
 
 
-def study_tables(directory: Path) -> str:
+def _model_name(model: list[str]) -> str:
+    if model == ["toy"]:
+        return "toy model"
+    return "Gemma 3 270M" if "gemma-3-270m" in " ".join(model) else " ".join(model)
+
+
+def numbers(directory: Path) -> dict:
+    """A finished study's numbers: its table over the sets, each set's all-heads values."""
     study = json.loads((directory / "study.json").read_text())
     runs = {
         int(p.stem.split("-")[1]): Interventions.from_json(p)
         for p in sorted(directory.glob("seed-*.json"))
     }
+    if not runs:
+        raise SystemExit(f"{directory} holds no finished demonstration set (seed-S.json)")
     table = InterventionSet(runs).table()
     first = next(iter(runs.values()))
-    lines = [
-        f"### {study['task']} ({len(runs)} demonstration sets, k={study['settings']['shots']}, "
-        f"{first.info['n_queries']} queries, {first.info['fit_queries']['used']} fit queries)",
-        "",
-        "| condition | accuracy | margin |",
-        "|---|---|---|",
+    per_set = [
+        {"seed": seed, **{k: row[k] for k in ("intervention", "form", "metric", "value")}}
+        for seed, res in runs.items()
+        for _, row in res.frame.iterrows()
+        if row["scope"] == "model" and row["quantity"] == "value" and row["control"] == "none"
     ]
+    columns = ["intervention", "form", "scope", "control", "k", "metric", "quantity"]
+    keep = table[table["scope"].isin(["model", "top_k", "random_k"])]
+    keep = keep[[*columns, "value", "ci_low", "ci_high", "flag"]]
+    return {
+        "title": (
+            f"{study['task']} on the {_model_name(study['model'])} ({len(runs)} demonstration "
+            f"sets, k={study['settings']['shots']}, {first.info['n_queries']} queries, "
+            f"{first.info['fit_queries']['used']} fit queries)"
+        ),
+        "shots": study["settings"]["shots"],
+        "n_sets": len(runs),
+        "n_queries": first.info["n_queries"],
+        "table": json.loads(keep.to_json(orient="records")),
+        "per_set": json.loads(pd.DataFrame(per_set).to_json(orient="records")),
+    }
+
+
+def _frame(data: dict) -> pd.DataFrame:
+    frame = pd.DataFrame(data["table"])
+    for column in ("value", "ci_low", "ci_high"):
+        frame[column] = frame[column].astype(float)
+    return frame
+
+
+CURVES = [  # (title, intervention, form, quantity)
+    ("Knockout: removed", "knockout", "", "removed"),
+    ("Restore: recovered", "restore", "", "recovered"),
+    ("Transplant linear: recovered", "transplant", "linear", "recovered"),
+    ("Transplant fitted: recovered", "transplant", "fitted", "recovered"),
+]
+BEGIN = "<!-- interventions tables: python scripts/intervention_study.py tables --write -->"
+END = "<!-- end of interventions tables -->"
+NOTE = "intervals: over the demonstration sets and the shared queries; * flagged"
+
+
+def render(data: dict) -> str:
+    """docs/interventions.md's tables of one study's :func:`numbers`."""
+    table = _frame(data)
+    lines = [f"### {data['title']}", "", "| condition | accuracy | margin |", "|---|---|---|"]
     for name in ("zsl", "blind", "icl", "ft", "task_vector"):
         acc = _pick(table, intervention=name, scope="model", metric="accuracy", quantity="value")
         mar = _pick(table, intervention=name, scope="model", metric="margin", quantity="value")
@@ -133,49 +183,91 @@ def study_tables(directory: Path) -> str:
     lines += ["", "| share of ICL's effect | margin | accuracy |", "|---|---|---|"]
     for title, name, form, scope, control in ROWS:
         quantity = "removed" if name == "knockout" else "recovered"
+        where = dict(intervention=name, form=form, scope=scope, control=control)
         cells = [
-            _cell(
-                _pick(
-                    table,
-                    intervention=name,
-                    form=form,
-                    scope=scope,
-                    control=control,
-                    metric=metric,
-                    quantity=quantity,
-                )
-            )
+            _cell(_pick(table, **where, metric=metric, quantity=quantity))
             for metric in ("margin", "accuracy")
         ]
         lines.append(f"| {title} | {' | '.join(cells)} |")
     curve = table[(table["metric"] == "margin") & table["scope"].isin(["top_k", "random_k"])]
-    ks = sorted(curve["k"].unique())
-    head = " | ".join(f"k={k}" for k in ks)
-    lines += ["", f"| margin share, top-k heads (random k) | {head} |"]
+    ks = sorted(int(k) for k in curve["k"].unique())
+    lines += ["", "| margin share, top-k heads (random k) | " + " | ".join(f"k={k}" for k in ks)]
+    lines[-1] += " |"
     lines.append("|---|" + "---|" * len(ks))
-    for title, name, form, quantity in (
-        ("Knockout: removed", "knockout", "", "removed"),
-        ("Restore: recovered", "restore", "", "recovered"),
-        ("Transplant linear: recovered", "transplant", "linear", "recovered"),
-        ("Transplant fitted: recovered", "transplant", "fitted", "recovered"),
-    ):
+    for title, name, form, quantity in CURVES:
         cells = []
         for k in ks:
-            top = _pick(curve, scope="top_k", k=k, intervention=name, form=form, quantity=quantity)
-            rnd = _pick(
-                curve, scope="random_k", k=k, intervention=name, form=form, quantity=quantity
-            )
+            where = dict(k=k, intervention=name, form=form, quantity=quantity)
+            top = _pick(curve, scope="top_k", **where)
+            rnd = _pick(curve, scope="random_k", **where)
             text = "" if top is None else f"{top['value']:.2f}"
             cells.append(text + ("" if rnd is None else f" ({rnd['value']:.2f})"))
         lines.append(f"| {title} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
+def render_all(data: dict) -> str:
+    return "\n".join(render(study) for study in data["studies"].values()) + "\n" + NOTE
+
+
+def namespace(data: dict) -> dict:
+    """What a check may use: ``iv(study, intervention, stat="value", **where)`` (one row
+    of the study's table; ``where`` over form, scope, control, k, metric, quantity, by
+    default form "", scope model, control none, metric margin, quantity value),
+    ``sets(study, intervention, metric="accuracy", form="")`` (each set's value) and
+    ``study(name)`` (its shots, n_sets, n_queries)."""
+
+    def iv(name, intervention, stat="value", **where):
+        where = {"form": "", "scope": "model", "control": "none", "metric": "margin",
+                 "quantity": "value", **where}  # fmt: skip
+        rows = _frame(data["studies"][name])
+        rows = rows[rows["intervention"] == intervention]
+        for key, value in where.items():
+            rows = rows[rows[key] == value]
+        if len(rows) != 1:
+            raise KeyError(f"{len(rows)} rows for {name}/{intervention}/{where}")
+        return rows.iloc[0][stat]
+
+    def sets(name, intervention, metric="accuracy", form=""):
+        key = (intervention, form, metric)
+        rows = data["studies"][name]["per_set"]
+        return [r["value"] for r in rows if (r["intervention"], r["form"], r["metric"]) == key]
+
+    return {"iv": iv, "sets": sets, "study": lambda name: data["studies"][name]}
+
+
+def numbers_path(doc: Path) -> Path:
+    return doc.with_name(doc.stem + "-numbers.json")
+
+
 def tables(args) -> int:
-    for directory in args.directories:
-        print(study_tables(Path(directory)))
-    print("intervals: over the demonstration sets and the shared queries; * flagged")
+    data = {"studies": {Path(d).name: numbers(Path(d)) for d in args.directories}}
+    if not args.write:
+        print(render_all(data))
+        return 0
+    doc = args.write
+    text = doc.read_text()
+    begin, end = table_block(text, doc, BEGIN, END)
+    atomic_write_text(numbers_path(doc), json.dumps(data, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(doc, text[:begin] + "\n" + render_all(data) + "\n" + text[end:])
     return 0
+
+
+def check_doc(doc: Path) -> list[str]:
+    """What in ``doc`` (docs/interventions.md) its numbers file does not bear out."""
+    text = doc.read_text()
+    data = json.loads(numbers_path(doc).read_text())
+    begin, end = table_block(text, doc, BEGIN, END)
+    problems = []
+    if text[begin:end].strip() != render_all(data).strip():
+        problems.append("the table block is not what the numbers render: rerun tables --write")
+    return problems + check_reading(text[end:].split("\n## ")[0], namespace(data))
+
+
+def check(args) -> int:
+    problems = check_doc(args.doc)
+    print("\n".join(problems) or f"{args.doc}: every quoted number checks out")
+    return 1 if problems else 0
 
 
 def main(argv=None) -> int:
@@ -195,7 +287,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=run)
     t = sub.add_parser("tables", help="markdown tables of finished studies")
     t.add_argument("directories", nargs="+")
+    t.add_argument("--write", type=Path, metavar="DOC", help="store the numbers, rewrite DOC's")
     t.set_defaults(func=tables)
+    c = sub.add_parser("check", help="check a document's reading against its numbers")
+    c.add_argument("doc", type=Path)
+    c.set_defaults(func=check)
     args = parser.parse_args(argv)
     return args.func(args)
 

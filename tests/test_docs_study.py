@@ -1,6 +1,6 @@
-"""docs/real-models.md says only what its tables show: its table block is what the stored
-numbers render, and every number its reading quotes is checked against them by
-scripts/study_tables.py (or declared a setting with ``<!-- given: -->``)."""
+"""docs/real-models.md and docs/interventions.md say only what their tables show: each
+table block is what the stored numbers render, and every number the reading quotes is
+checked against them (scripts/doc_checks.py) or declared a setting (``<!-- given: -->``)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,15 @@ def tables():
 
 def test_the_real_models_doc_quotes_only_what_its_numbers_say(tables):
     assert tables.check_doc(DOC) == []
+
+
+def test_the_interventions_doc_quotes_only_what_its_numbers_say():
+    spec = importlib.util.spec_from_file_location(
+        "intervention_study", ROOT / "scripts" / "intervention_study.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.check_doc(ROOT / "docs" / "interventions.md") == []
 
 
 def _row(metric, variant, mean, baseline="none", **rest):
