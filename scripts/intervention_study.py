@@ -107,6 +107,10 @@ def _cell(row: pd.Series | None) -> str:
     return text + (" *" if isinstance(row.get("flag"), str) and row["flag"] else "")
 
 
+def _value(x: float) -> str:
+    return "undefined" if pd.isna(x) else f"{x:.2f}"
+
+
 def _pick(table: pd.DataFrame, **where) -> pd.Series | None:
     rows = table
     for key, value in where.items():
@@ -200,8 +204,8 @@ def render(data: dict) -> str:
             where = dict(k=k, intervention=name, form=form, quantity=quantity)
             top = _pick(curve, scope="top_k", **where)
             rnd = _pick(curve, scope="random_k", **where)
-            text = "" if top is None else f"{top['value']:.2f}"
-            cells.append(text + ("" if rnd is None else f" ({rnd['value']:.2f})"))
+            text = "" if top is None else _value(top["value"])
+            cells.append(text + ("" if rnd is None else f" ({_value(rnd['value'])})"))
         lines.append(f"| {title} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
