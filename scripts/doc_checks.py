@@ -24,8 +24,9 @@ from typing import Any
 
 CHECK = re.compile(r"<!-- check: (.+?) -->", re.S)
 GIVEN = re.compile(r"<!-- given: (.+?) -->", re.S)
-NUMBER = re.compile(
-    r"(?:(?<![\w.)\]])-)?(?<![\w.])(?:\d{1,3}(?:,\d{3})+(?![\w,])|\d+(?:\.\d+)?(?![\w]))"
+NUMBER = re.compile(  # signed, with thousands separators; not in names (SST-2, 1.3B)
+    r"(?:(?<![\w.)\]])-)?(?<![\w.])(?<![A-Za-z]-)"
+    r"(?:\d{1,3}(?:,\d{3})+(?![\w,])|\d+(?:\.\d+)?(?!\w|\.\w))"
 )
 NOT_PROSE = re.compile(r"<!--.*?-->|`[^`]*`|\]\([^)]*\)|\d+(?:\.\d+)?e-?\d+", re.S)
 BUILTINS = {f.__name__: f for f in (min, max, sum, len, sorted, abs, round, any, all)}

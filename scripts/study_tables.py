@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -254,7 +255,10 @@ def namespace(data: dict[str, Any]) -> dict[str, Any]:
     """What a check's expression may use: ``v(task, protocol, metric, variant,
     baseline="none", stat="mean")``, ``tasks(protocol, metric, variant, baseline="none",
     stat="mean")`` (one value per task), ``sets(**where)`` (the per-set records),
-    ``pct``, ``mean`` and Python's min, max, sum, len, sorted, abs, round."""
+    ``paper(task)`` / ``paper(metric, variant)`` (the paper's numbers), ``icl(task)`` and
+    ``recovered(task)`` (each set's ICL accuracy, Rec2FTP queries), ``lower(task, metric,
+    variant)`` (dai2023 below prediction), ``TASKS``, ``pct``, ``mean`` and Python's min,
+    max, sum, len, sorted, abs, round."""
     frame = overall_frame(data)
 
     def rows(**where: str) -> pd.DataFrame:
@@ -276,7 +280,25 @@ def namespace(data: dict[str, Any]) -> dict[str, Any]:
     def sets(**where):
         return [c for c in data["cells"] if all(c[k] == x for k, x in where.items())]
 
-    return {"v": v, "tasks": tasks, "sets": sets,
+    def paper(task_or_metric, variant=None):
+        """The paper's numbers: a task's accuracies ((ZSL, ICL, FT) for GPT 1.3B, then
+        2.7B) or a metric's average over its tasks (1.3B, 2.7B)."""
+        if variant is None:
+            return [[float(x) for x in m.split(" / ")] for m in PAPER_ACCURACY[task_or_metric]]
+        return [float(x.strip("%")) for x in re.findall(r"[\d.]+%?", PAPER_AVERAGE[
+            (task_or_metric, variant)])[:2]]  # fmt: skip
+
+    def icl(task, protocol="prediction"):  # each set's ICL accuracy
+        return [c["accuracy"]["icl"] for c in sets(task=task, protocol=protocol)]
+
+    def recovered(task, protocol="prediction"):  # each set's Rec2FTP queries
+        return [c["rec2ftp_counts"]["n_ft_recovered"] for c in sets(task=task, protocol=protocol)]
+
+    def lower(task, metric, variant):  # dai2023 below the prediction protocol
+        return v(task, "dai2023", metric, variant) < v(task, "prediction", metric, variant)
+
+    return {"v": v, "tasks": tasks, "sets": sets, "paper": paper, "icl": icl,
+            "recovered": recovered, "lower": lower, "TASKS": list(PAPER_ACCURACY),
             **HELPERS}  # fmt: skip
 
 

@@ -126,5 +126,6 @@ def test_signs_ranges_and_separators_are_read_as_written(tables):
     text = "From -0.07 to 0.89-0.94, \u22120.5 and 2,000 queries at 1e-4 in `k=32`."
     checks = "<!-- check: -0.07 = -0.071; 0.89 = 0.891; 0.94 = 0.94; -0.5 = -0.5; 2,000 = 2000 -->"
     assert check_reading(f"{text} {checks}", {}) == []
+    assert check_reading("Names are not numbers: SST-2, GPT 1.3B, top-5, L2H1, Q4_K_M.", {}) == []
     problems = check_reading(text.replace("-0.07", "0.07") + " " + checks, {})
     assert len(problems) == 1 and problems[0].startswith("'0.07' is neither checked nor given")
