@@ -6,7 +6,7 @@ file beside the document. Below it, the reading: every number in its prose must 
 be checked, ``<!-- check: QUOTE = EXPRESSION; ... -->`` (QUOTE as the text writes it,
 EXPRESSION over the numbers, equal once rounded to QUOTE's decimals), or declared a
 setting, ``<!-- given: 16 (shots), 512 (the local layers' window) -->``, in the same
-paragraph. Numbers in code spans, links and scientific notation are not prose.
+paragraph. Numbers in code, links and scientific notation are not prose.
 
 >>> check_reading("ICL gains 4.7 points. <!-- check: 4.7 = 79.7 - 75.0 -->", {})
 []
@@ -28,7 +28,7 @@ NUMBER = re.compile(  # signed, with thousands separators; not in names (SST-2, 
     r"(?:(?<![\w.)\]])-)?(?<![\w.])(?<![A-Za-z]-)"
     r"(?:\d{1,3}(?:,\d{3})+(?![\w,])|\d+(?:\.\d+)?(?!\w|\.\w))"
 )
-NOT_PROSE = re.compile(r"<!--.*?-->|`[^`]*`|\]\([^)]*\)|\d+(?:\.\d+)?e-?\d+", re.S)
+NOT_PROSE = re.compile(r"<!--.*?-->|```.*?```|`[^`]*`|\]\([^)]*\)|\d+(?:\.\d+)?e-?\d+", re.S)
 BUILTINS = {f.__name__: f for f in (min, max, sum, len, sorted, abs, round, any, all)}
 HELPERS = {"pct": lambda x: 100 * x, "mean": fmean}
 

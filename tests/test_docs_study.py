@@ -129,3 +129,17 @@ def test_signs_ranges_and_separators_are_read_as_written(tables):
     assert check_reading("Names are not numbers: SST-2, GPT 1.3B, top-5, L2H1, Q4_K_M.", {}) == []
     problems = check_reading(text.replace("-0.07", "0.07") + " " + checks, {})
     assert len(problems) == 1 and problems[0].startswith("'0.07' is neither checked nor given")
+
+
+def _section(path: Path, heading: str) -> str:
+    text = path.read_text()
+    return text[text.index(heading) :].split("\n## ")[0]
+
+
+def test_the_readme_quotes_only_what_the_studies_numbers_say(tables):
+    """The README's summaries of both studies, checked like the docs they summarise."""
+    from doc_checks import check_reading
+
+    real = json.loads((ROOT / "docs" / "real-models-numbers.json").read_text())
+    section = _section(ROOT / "README.md", "## On a real model, offline")
+    assert check_reading(section, tables.namespace(real)) == []
