@@ -28,7 +28,8 @@ NUMBER = re.compile(  # signed, with thousands separators; not in names (SST-2, 
     r"(?:(?<![\w.)\]])-)?(?<![\w.])(?<![A-Za-z]-)"
     r"(?:\d{1,3}(?:,\d{3})+(?![\w,])|\d+(?:\.\d+)?(?!\w|\.\w))"
 )
-NOT_PROSE = re.compile(r"<!--.*?-->|```.*?```|`[^`]*`|\]\([^)]*\)|\d+(?:\.\d+)?e-?\d+", re.S)
+FENCE = re.compile(r"```.*?```", re.S)
+NOT_PROSE = re.compile(r"<!--.*?-->|`[^`]*`|\]\([^)]*\)|\d+(?:\.\d+)?e-?\d+", re.S)
 BUILTINS = {f.__name__: f for f in (min, max, sum, len, sorted, abs, round, any, all)}
 HELPERS = {"pct": lambda x: 100 * x, "mean": fmean}
 
@@ -48,7 +49,8 @@ def check_reading(reading: str, env: dict[str, Any]) -> list[str]:
     """What in ``reading`` the expressions over ``env`` do not bear out (empty: all)."""
     env = {"__builtins__": BUILTINS, **HELPERS, **env}
     problems = []
-    for paragraph in re.split(r"\n\s*\n", reading.replace("\u2212", "-")):
+    reading = FENCE.sub(" ", reading.replace("\u2212", "-"))  # code blocks span paragraphs
+    for paragraph in re.split(r"\n\s*\n", reading):
         checked = set()
         for match in CHECK.findall(paragraph):
             for part in match.split(";"):

@@ -143,3 +143,12 @@ def test_the_readme_quotes_only_what_the_studies_numbers_say(tables):
     real = json.loads((ROOT / "docs" / "real-models-numbers.json").read_text())
     section = _section(ROOT / "README.md", "## On a real model, offline")
     assert check_reading(section, tables.namespace(real)) == []
+
+    interventions = json.loads((ROOT / "docs" / "interventions-numbers.json").read_text())
+    study = importlib.util.spec_from_file_location(
+        "intervention_study", ROOT / "scripts" / "intervention_study.py"
+    )
+    module = importlib.util.module_from_spec(study)
+    study.loader.exec_module(module)
+    section = _section(ROOT / "README.md", "## Do those heads carry ICL's effect?")
+    assert check_reading(section, module.namespace(interventions)) == []
