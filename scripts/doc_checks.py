@@ -30,7 +30,7 @@ NUMBER = re.compile(  # signed, with thousands separators; not in names (SST-2, 
 )
 FENCE = re.compile(r"```.*?```", re.S)
 NOT_PROSE = re.compile(r"<!--.*?-->|`[^`]*`|\]\([^)]*\)|\d+(?:\.\d+)?e-?\d+", re.S)
-BUILTINS = {f.__name__: f for f in (min, max, sum, len, sorted, abs, round, any, all)}
+BUILTINS = {f.__name__: f for f in (min, max, sum, len, sorted, abs, round, any, all, zip)}
 HELPERS = {"pct": lambda x: 100 * x, "mean": fmean}
 
 

@@ -252,7 +252,8 @@ def tables(args) -> int:
     doc = args.write
     text = doc.read_text()
     begin, end = table_block(text, doc, BEGIN, END)
-    atomic_write_text(numbers_path(doc), json.dumps(data, indent=1, sort_keys=True) + "\n")
+    # the studies in the order given: their tables appear in it
+    atomic_write_text(numbers_path(doc), json.dumps(data, indent=1) + "\n")
     atomic_write_text(doc, text[:begin] + "\n" + render_all(data) + "\n" + text[end:])
     return 0
 
