@@ -132,6 +132,7 @@ def overall_frame(data: dict[str, Any]) -> pd.DataFrame:
     for column in ("mean", "std", "min", "max", "ci_low", "ci_high"):
         frame[column] = frame[column].astype(float)
     frame["eligible"] = frame["eligible"].fillna("")
+    frame["flag"] = frame["flag"].fillna("")  # None in the file: no flag
     return frame
 
 

@@ -133,7 +133,7 @@ def test_signs_ranges_and_separators_are_read_as_written(tables):
 
 def _section(path: Path, heading: str) -> str:
     text = path.read_text()
-    return text[text.index(heading) :].split("\n## ")[0]
+    return text[text.index(heading) :].split("\n", 1)[1].split("\n## ")[0]  # below it
 
 
 def test_the_readme_quotes_only_what_the_studies_numbers_say(tables):
