@@ -16,11 +16,15 @@ paragraph. Numbers in code, links and scientific notation are not prose.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from statistics import fmean
 from typing import Any
+
+from icl_lens.files import atomic_write_text
 
 CHECK = re.compile(r"<!-- check: (.+?) -->", re.S)
 GIVEN = re.compile(r"<!-- given: (.+?) -->", re.S)
@@ -72,3 +76,34 @@ def check_reading(reading: str, env: dict[str, Any]) -> list[str]:
             if number not in checked:
                 problems.append(f"{number!r} is neither checked nor given in: {prose[:80]!r}")
     return problems
+
+
+def numbers_path(doc: Path) -> Path:
+    """Where ``doc``'s numbers are stored: ``NAME-numbers.json`` beside it."""
+    return doc.with_name(doc.stem + "-numbers.json")
+
+
+def write_doc(doc: Path, data: dict, render: Callable[[dict], str], begin: str, end: str):
+    """Store ``data`` beside ``doc`` (in its order) and rewrite the table block from it."""
+    text = doc.read_text()
+    start, stop = table_block(text, doc, begin, end)
+    atomic_write_text(numbers_path(doc), json.dumps(data, indent=1) + "\n")
+    atomic_write_text(doc, text[:start] + "\n" + render(data) + "\n" + text[stop:])
+
+
+def check_doc(
+    doc: Path,
+    render: Callable[[dict], str],
+    namespace: Callable[[dict], dict[str, Any]],
+    begin: str,
+    end: str,
+) -> list[str]:
+    """What in ``doc`` its numbers do not bear out (empty: all of it): a table block they
+    no longer render, and the reading below it (to the next ``## `` heading)."""
+    text = doc.read_text()
+    data = json.loads(numbers_path(doc).read_text())
+    start, stop = table_block(text, doc, begin, end)
+    problems = []
+    if text[start:stop].strip() != render(data).strip():
+        problems.append("the table block is not what the numbers render: write it again")
+    return problems + check_reading(text[stop:].split("\n## ")[0], namespace(data))

@@ -31,7 +31,7 @@ from icl_lens.files import atomic_write_text
 from icl_lens.study.intervention_result import Interventions, InterventionSet
 
 sys.path.insert(0, str(Path(__file__).parent))  # doc_checks beside this script
-from doc_checks import check_reading, table_block  # noqa: E402
+from doc_checks import check_doc, write_doc  # noqa: E402
 
 
 def _model(names: list[str]):
@@ -240,37 +240,23 @@ def namespace(data: dict) -> dict:
     return {"iv": iv, "sets": sets, "study": lambda name: data["studies"][name]}
 
 
-def numbers_path(doc: Path) -> Path:
-    return doc.with_name(doc.stem + "-numbers.json")
-
-
 def tables(args) -> int:
-    data = {"studies": {Path(d).name: numbers(Path(d)) for d in args.directories}}
-    if not args.write:
-        print(render_all(data))
-        return 0
-    doc = args.write
-    text = doc.read_text()
-    begin, end = table_block(text, doc, BEGIN, END)
     # the studies in the order given: their tables appear in it
-    atomic_write_text(numbers_path(doc), json.dumps(data, indent=1) + "\n")
-    atomic_write_text(doc, text[:begin] + "\n" + render_all(data) + "\n" + text[end:])
+    data = {"studies": {Path(d).name: numbers(Path(d)) for d in args.directories}}
+    if args.write:
+        write_doc(args.write, data, render_all, BEGIN, END)
+    else:
+        print(render_all(data))
     return 0
 
 
-def check_doc(doc: Path) -> list[str]:
+def check_interventions_doc(doc: Path) -> list[str]:
     """What in ``doc`` (docs/interventions.md) its numbers file does not bear out."""
-    text = doc.read_text()
-    data = json.loads(numbers_path(doc).read_text())
-    begin, end = table_block(text, doc, BEGIN, END)
-    problems = []
-    if text[begin:end].strip() != render_all(data).strip():
-        problems.append("the table block is not what the numbers render: rerun tables --write")
-    return problems + check_reading(text[end:].split("\n## ")[0], namespace(data))
+    return check_doc(doc, render_all, namespace, BEGIN, END)
 
 
 def check(args) -> int:
-    problems = check_doc(args.doc)
+    problems = check_interventions_doc(args.doc)
     print("\n".join(problems) or f"{args.doc}: every quoted number checks out")
     return 1 if problems else 0
 

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from doc_checks import HELPERS, check_reading, table_block
+from doc_checks import HELPERS, check_doc, write_doc
 
-from icl_lens.files import atomic_write_text
 from icl_lens.sweep.grid import Cell
 from icl_lens.sweep.status import cell_directory, is_done
 from icl_lens.sweep.tables import aggregate_frame, summary_frame
@@ -236,17 +235,14 @@ def render(data: dict[str, Any]) -> str:
     return "\n\n".join([*tables, average_table(frame, protocols)])
 
 
-def numbers_path(doc: Path) -> Path:
-    return doc.with_name(doc.stem + "-numbers.json")
-
-
-def write_doc(root: Path, doc: Path) -> None:
+def write(root: Path, doc: Path) -> None:
     """Store the sweep's numbers beside ``doc`` and rewrite its table block from them."""
-    data = numbers(root)
-    text = doc.read_text()
-    begin, end = table_block(text, doc, BEGIN, END)
-    atomic_write_text(numbers_path(doc), json.dumps(data, indent=1, sort_keys=True) + "\n")
-    atomic_write_text(doc, text[:begin] + "\n" + render(data) + "\n" + text[end:])
+    write_doc(doc, numbers(root), render, BEGIN, END)
+
+
+def check(doc: Path) -> list[str]:
+    """What in ``doc`` its numbers file does not bear out (empty: all of it)."""
+    return check_doc(doc, render, namespace, BEGIN, END)
 
 
 # ---- the checks of the reading (scripts/doc_checks.py) --------------------------------
@@ -303,17 +299,6 @@ def namespace(data: dict[str, Any]) -> dict[str, Any]:
             **HELPERS}  # fmt: skip
 
 
-def check_doc(doc: Path) -> list[str]:
-    """What in ``doc`` its numbers file does not bear out (empty: all of it)."""
-    text = doc.read_text()
-    data = json.loads(numbers_path(doc).read_text())
-    begin, end = table_block(text, doc, BEGIN, END)
-    problems = []
-    if text[begin:end].strip() != render(data).strip():
-        problems.append("the table block is not what the numbers render: rerun --write")
-    return problems + check_reading(text[end:].split("\n## ")[0], namespace(data))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", nargs="?", type=Path, help="the sweep's output directory")
@@ -321,13 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", type=Path, metavar="DOC", help="check DOC's reading")
     args = parser.parse_args(argv)
     if args.check:
-        problems = check_doc(args.check)
+        problems = check(args.check)
         print("\n".join(problems) or f"{args.check}: every quoted number checks out")
         return 1 if problems else 0
     if args.root is None:
         parser.error("give the sweep's directory, or --check DOC")
     if args.write:
-        write_doc(args.root, args.write)
+        write(args.root, args.write)
     else:
         print(render(numbers(args.root)))
     return 0

@@ -28,7 +28,7 @@ def tables():
 
 
 def test_the_real_models_doc_quotes_only_what_its_numbers_say(tables):
-    assert tables.check_doc(DOC) == []
+    assert tables.check(DOC) == []
 
 
 def test_the_interventions_doc_quotes_only_what_its_numbers_say():
@@ -37,7 +37,7 @@ def test_the_interventions_doc_quotes_only_what_its_numbers_say():
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.check_doc(ROOT / "docs" / "interventions.md") == []
+    assert module.check_interventions_doc(ROOT / "docs" / "interventions.md") == []
 
 
 def _row(metric, variant, mean, baseline="none", **rest):
@@ -84,7 +84,7 @@ GOOD = (
 
 
 def test_a_reading_that_its_numbers_bear_out_passes(tables, tmp_path):
-    assert tables.check_doc(_doc(tmp_path, tables, GOOD)) == []
+    assert tables.check(_doc(tmp_path, tables, GOOD)) == []
     assert tables.main(["--check", str(_doc(tmp_path, tables, GOOD))]) == 0
 
 
@@ -101,7 +101,7 @@ def test_a_reading_that_its_numbers_bear_out_passes(tables, tmp_path):
 )
 def test_a_reading_that_says_more_than_its_numbers_fails(tables, tmp_path, edit, problem):
     doc = _doc(tmp_path, tables, GOOD.replace(*edit))
-    problems = tables.check_doc(doc)
+    problems = tables.check(doc)
     assert any(re.search(problem, p) for p in problems), problems
     assert tables.main(["--check", str(doc)]) == 1
 
@@ -109,9 +109,7 @@ def test_a_reading_that_says_more_than_its_numbers_fails(tables, tmp_path, edit,
 def test_tables_the_numbers_no_longer_render_fail(tables, tmp_path):
     doc = _doc(tmp_path, tables, GOOD)
     doc.write_text(doc.read_text().replace("75.0 / 79.7 / 77.0", "75.0 / 80.0 / 77.0"))
-    assert tables.check_doc(doc) == [
-        "the table block is not what the numbers render: rerun --write"
-    ]
+    assert tables.check(doc) == ["the table block is not what the numbers render: write it again"]
 
 
 def test_the_flag_column_names_each_flag_under_the_table(tables):
