@@ -18,8 +18,6 @@ profile of its own.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,37 +27,28 @@ import icl_lens as il
 from icl_lens.toy import toy_task
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the browser flags the tests use: tests/chromium.py
+from tests.chromium import HEADLESS, find_chromium  # noqa: E402
+
 VIEW_FILE = "meta_gradients.png"
 CURVE_FILE = "interventions_curve.png"
 WINDOW = (960, 470)
 
 
-def find_chromium() -> str:
-    for name in (os.environ.get("ICL_LENS_CHROMIUM"), "chromium", "chromium-browser"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    raise SystemExit(
-        "no Chromium found: install it (apt-get install chromium) or set ICL_LENS_CHROMIUM "
-        "to its path"
-    )
-
-
 def screenshot(html: Path, png: Path, *, window: tuple[int, int] = WINDOW) -> Path:
     """``html`` as a PNG of ``window`` pixels, in headless Chromium with an empty
     profile and no network."""
+    binary = find_chromium()
+    if binary is None:
+        raise SystemExit(
+            "no Chromium found: install it (apt-get install chromium) or set ICL_LENS_CHROMIUM "
+            "to its path"
+        )
     with tempfile.TemporaryDirectory(prefix="icl-lens-chromium-") as profile:
         command = [
-            find_chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            binary,
+            *HEADLESS,
             f"--user-data-dir={profile}",
-            "--proxy-server=127.0.0.1:9",  # networking off: nothing listens there
             "--hide-scrollbars",
             f"--screenshot={png}",
             f"--window-size={window[0]},{window[1]}",

@@ -18,6 +18,20 @@ import time
 import zlib
 from pathlib import Path
 
+# headless, an empty profile's defaults and networking off (nothing listens on port 9);
+# Chromium's connections are refused here many at a time without these
+HEADLESS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--proxy-server=127.0.0.1:9",
+]
+
 
 def find_chromium() -> str | None:
     for name in (os.environ.get("ICL_LENS_CHROMIUM"), "chromium", "chromium-browser"):
@@ -47,17 +61,9 @@ class Chromium:
         from_child_r, from_child_w = os.pipe()
         args = [
             binary,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *HEADLESS,
             "--disable-extensions",
             f"--user-data-dir={self.profile}",
-            "--proxy-server=127.0.0.1:9",  # networking off: nothing listens there
             "--host-resolver-rules=MAP * ~NOTFOUND",
             "--remote-debugging-pipe",
             "--window-size=1280,1600",
